@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import backends
 from ._layout import SeqLayout, per_token, seq_layout
-from ._validation import (as_bool_mask, require_choice, require_float, require_positive_float, require_tensor)
+from ._validation import (as_bool_mask, require_choice, require_positive_float)
 from .backends.torch_ref.sequence import segment_sum
 from .scores import check_clip_eps, check_gamma, out_dtype
 

@@ -1,7 +1,6 @@
 """Future likelihood gain (SPEC 2) and the Branching Score (SPEC 3)."""
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch

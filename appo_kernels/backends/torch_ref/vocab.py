@@ -3,7 +3,9 @@
 Work is done in tiles of rows (and, for the fused linear variant, of the vocabulary) so that no [N, V]
 temporary is ever held: each tile yields partial statistics (running max, sum of exp, sum of exp * shifted
 logit, target logit, top-k) that merge exactly, and the backward recomputes probabilities from the saved
-per-row log-sum-exp. Everything is computed in fp32 (fp64 for fp64 inputs).
+per-row log-sum-exp. Tiles are computed in place in two scratch buffers reused across tiles (fresh
+allocations per tile fragment the CPU heap and grow the resident set). Everything is computed in fp32
+(fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from torch import Tensor
 
 from .._types import RowStats
 
-# One [rows, V] fp32 temporary holds at most this many elements (16 MiB).
+# One [rows, V] scratch tile holds at most this many elements (16 MiB in fp32).
 TILE_ELEMENTS = 1 << 22
 DEFAULT_LINEAR_CHUNK = (1024, 4096)  # (rows, vocabulary) of one recomputed logits tile
 
@@ -29,30 +31,59 @@ class Partial(NamedTuple):
     topk_ids: Tensor   # [n, k] int64
 
 
-def _finite_floor(x: Tensor) -> Tensor:
+class Scratch:
+    """Two reusable [rows, cols] buffers; `view(i, rows, cols)` is a contiguous view of buffer i."""
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+        self.bufs = [torch.empty(rows * cols, dtype=dtype, device=device) for _ in range(2)]
+
+    def view(self, i: int, rows: int, cols: int) -> Tensor:
+        return self.bufs[i][: rows * cols].view(rows, cols)
+
+
+def _finite_floor_(x: Tensor) -> Tensor:
     # -inf -> most negative finite value, so that 0 * x is 0 for masked vocabulary entries (NaN stays NaN).
-    return x.clamp(min=torch.finfo(x.dtype).min)
+    return x.clamp_(min=torch.finfo(x.dtype).min)
 
 
-def tile_partial(s: Tensor, v0: int, tokens: Tensor, k: int) -> Partial:
-    """Partial statistics of scaled logits `s` [n, v] whose first column is vocabulary id `v0`."""
-    m = s.amax(dim=-1)
-    m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    shifted = s - m_safe[:, None]
-    e = torch.exp(shifted)
-    sumexp = e.sum(dim=-1)
-    shifted_sum = (e * _finite_floor(shifted)).sum(dim=-1)
+def topk_ties_to_smaller_id(s: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The k largest entries of each row of s, descending, equal values ordered by id (torch.topk is not)."""
+    n, v = s.shape
+    kth = s.topk(k, dim=-1).values[:, -1:]            # the k-th largest value is unambiguous
+    above = s > kth
+    at = s == kth
+    room = k - above.sum(dim=-1, keepdim=True)         # how many ids valued exactly kth make the cut
+    take = above | (at & (at.cumsum(dim=-1) <= room))  # ... the smallest such ids
+    rev_id = torch.arange(v, 0, -1, device=s.device)  # v - id: larger for smaller ids
+    ids = v - torch.where(take, rev_id, 0).topk(k, dim=-1).values   # the k taken ids, ascending
+    vals = s.gather(1, ids)
+    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
+    return vals.gather(1, order), ids.gather(1, order)
+
+
+def tile_partial(s: Tensor, e: Tensor, v0: int, tokens: Tensor, k: int) -> Partial:
+    """Partial statistics of scaled logits `s` [n, v] whose first column is vocabulary id `v0`.
+
+    `s` is overwritten (shifted in place); `e` is a scratch buffer of the same shape.
+    """
+    v = s.shape[1]
     local = tokens - v0
-    inside = (local >= 0) & (local < s.shape[1])
-    picked = s.gather(1, local.clamp(0, s.shape[1] - 1)[:, None]).squeeze(1)
+    inside = (local >= 0) & (local < v)
+    picked = s.gather(1, local.clamp(0, v - 1)[:, None]).squeeze(1)
     target = torch.where(inside, picked, torch.zeros_like(picked))
     if k:
-        kk = min(k, s.shape[1])
-        vals, idx = torch.sort(s, dim=-1, descending=True, stable=True)
-        topk_vals, topk_ids = vals[:, :kk], idx[:, :kk] + v0
+        kk = min(k, v)
+        topk_vals, topk_ids = topk_ties_to_smaller_id(s, kk)
+        topk_ids = topk_ids + v0
     else:
         topk_vals = s.new_empty(s.shape[0], 0)
-        topk_ids = tokens.new_empty(s.shape[0], 0, dtype=torch.int64)
+        topk_ids = torch.empty(s.shape[0], 0, dtype=torch.int64, device=s.device)
+    m = s.amax(dim=-1)
+    m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    s.sub_(m_safe[:, None])
+    torch.exp(s, out=e)
+    sumexp = e.sum(dim=-1)
+    shifted_sum = e.mul_(_finite_floor_(s)).sum(dim=-1)
     return Partial(m, sumexp, shifted_sum, target, topk_vals, topk_ids)
 
 
@@ -95,11 +126,10 @@ def finalize(p: Partial, tokens: Tensor, valid: Tensor, entropy_topk: bool) -> R
         lp = torch.cat([topk_logp, logp[:, None]], dim=1)                    # [n, k+1]
         member = torch.cat([torch.ones_like(p.topk_ids, dtype=torch.bool), ~in_topk[:, None]], dim=1)
         prob = torch.where(member, torch.exp(lp), torch.zeros_like(lp))
-        lp_floor = _finite_floor(lp)
+        lp_floor = _finite_floor_(lp)
         entropy = -(prob * lp_floor).sum(dim=1)
-        c = (prob * (1 + lp_floor)).sum(dim=1)
-        topk_set = torch.where(member, torch.cat([p.topk_ids, tokens[:, None]], dim=1), -1)
-        topk_set = torch.where(valid[:, None], topk_set, -1)
+        c = torch.where(valid, (prob * (1 + lp_floor)).sum(dim=1), 0)
+        topk_set = torch.where(member & valid[:, None], torch.cat([p.topk_ids, tokens[:, None]], dim=1), -1)
     zero = torch.zeros_like(lse)
     vcol = valid[:, None]
     return RowStats(
@@ -109,34 +139,39 @@ def finalize(p: Partial, tokens: Tensor, valid: Tensor, entropy_topk: bool) -> R
         topk_ids=torch.where(vcol, p.topk_ids, torch.zeros_like(p.topk_ids)),
         topk_logp=torch.where(vcol, topk_logp, torch.zeros_like(topk_logp)),
         topk_set=topk_set,
-        c=torch.where(valid, c, zero) if entropy_topk else c,
+        c=c,
     )
 
 
-def grad_tile(s: Tensor, v0: int, tokens: Tensor, valid: Tensor, lse: Tensor, entropy: Tensor, topk_set: Tensor,
-              c: Tensor, g_logp: Tensor, g_entropy: Tensor, temperature: float, entropy_topk: bool) -> Tensor:
-    """d loss / d logits for one tile of scaled logits `s` [n, v] (SPEC 1 gradients), in s's dtype."""
-    lp = s - lse[:, None]
-    p = torch.exp(lp)
-    grad = -g_logp[:, None] * p
+def grad_tile_(s: Tensor, grad: Tensor, v0: int, tokens: Tensor, valid: Tensor, lse: Tensor, entropy: Tensor,
+               topk_set: Tensor, c: Tensor, g_logp: Tensor, g_entropy: Tensor, temperature: float,
+               entropy_topk: bool) -> Tensor:
+    """Write d loss / d logits of one tile of scaled logits `s` [n, v] into `grad` (SPEC 1 gradients).
+
+    With lp = s - lse and p = exp(lp):
+      exact entropy:  grad = -p * (g_logp + g_H * (lp + H)) + g_logp * 1[v = token]
+      top-k entropy:  grad = p * (g_H * c - g_logp) - g_H * 1[v in set] (1 + lp) p + g_logp * 1[v = token]
+    all divided by the temperature. `s` is overwritten.
+    """
+    v = s.shape[1]
+    s.sub_(lse[:, None])                                          # log p
     if entropy_topk:
-        # d(-sum_S p log p)/ds_j = p_j * c - [j in S] (1 + log p_j) p_j
-        grad = grad + (g_entropy * c)[:, None] * p
         local = topk_set - v0
-        inside = (topk_set >= 0) & (local >= 0) & (local < s.shape[1])
-        local = local.clamp(0, s.shape[1] - 1)
-        lp_set = lp.gather(1, local)
-        corr = torch.exp(lp_set) * (1 + _finite_floor(lp_set)) * g_entropy[:, None]
-        grad = grad.scatter_add(1, local, torch.where(inside, -corr, torch.zeros_like(corr)))
+        inside = (topk_set >= 0) & (local >= 0) & (local < v)
+        local = local.clamp(0, v - 1)
+        lp_set = s.gather(1, local)
+        corr = torch.exp(lp_set) * (1 + _finite_floor_(lp_set)) * g_entropy[:, None]
+        torch.exp(s, out=grad).mul_((g_entropy * c - g_logp)[:, None])
+        grad.scatter_add_(1, local, torch.where(inside, -corr, torch.zeros_like(corr)))
     else:
-        # -g_H * p * (s - (lse - H)) = -g_H * p * (log p + H)
-        grad = grad - g_entropy[:, None] * p * (_finite_floor(lp) + entropy[:, None])
+        torch.exp(s, out=grad)
+        coef = _finite_floor_(s).add_(entropy[:, None]).mul_(g_entropy[:, None]).add_(g_logp[:, None])
+        grad.mul_(coef).neg_()
     local = tokens - v0
-    inside = (local >= 0) & (local < s.shape[1])
+    inside = (local >= 0) & (local < v)
     add = torch.where(inside, g_logp, torch.zeros_like(g_logp))
-    grad = grad.scatter_add(1, local.clamp(0, s.shape[1] - 1)[:, None], add[:, None])
-    grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
-    return grad / temperature
+    grad.scatter_add_(1, local.clamp(0, v - 1)[:, None], add[:, None])
+    return grad.masked_fill_(~valid[:, None], 0).div_(temperature)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -144,14 +179,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _row_tiles(n: int, width: int):
-    rows = max(1, TILE_ELEMENTS // max(width, 1))
-    for r0 in range(0, n, rows):
-        yield r0, min(n, r0 + rows)
+    rows = max(1, min(n, TILE_ELEMENTS // max(width, 1)))
+    return rows, [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+
+
+def _scaled(dst: Tensor, src: Tensor, temperature: float) -> Tensor:
+    return dst.copy_(src).div_(temperature)
 
 
 def _cat_stats(parts, k: int, like: Tensor, entropy_topk: bool) -> RowStats:
     if parts:
-        return RowStats(*[torch.cat(f, dim=0) for f in zip(*parts)])
+        return RowStats(*[torch.cat(f, dim=0) for f in zip(*parts, strict=False)])
     empty = like.new_zeros(0)
     ids = torch.zeros(0, k, dtype=torch.int64, device=like.device)
     return RowStats(empty, empty, empty, ids, like.new_zeros(0, k),
@@ -169,10 +207,12 @@ def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk
     n, v = logits.shape
     cdt = _compute_dtype(logits.dtype)
     tokens, valid = _valid_tokens(tokens, ignore_index)
+    rows, tiles = _row_tiles(n, v)
+    scratch = Scratch(rows, v, cdt, logits.device)
     parts = []
-    for r0, r1 in _row_tiles(n, v):
-        s = logits[r0:r1].to(cdt) / temperature
-        part = tile_partial(s, 0, tokens[r0:r1], topk)
+    for r0, r1 in tiles:
+        s = _scaled(scratch.view(0, r1 - r0, v), logits[r0:r1], temperature)
+        part = tile_partial(s, scratch.view(1, r1 - r0, v), 0, tokens[r0:r1], topk)
         parts.append(finalize(part, tokens[r0:r1], valid[r0:r1], entropy_topk))
     return _cat_stats(parts, topk, logits.new_zeros(0, dtype=cdt), entropy_topk)
 
@@ -184,27 +224,35 @@ def token_stats_backward(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: T
     n, v = logits.shape
     cdt = _compute_dtype(logits.dtype)
     tokens, valid = _valid_tokens(tokens, ignore_index)
+    g_logp, g_entropy = g_logp.to(cdt), g_entropy.to(cdt)
     grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
-    for r0, r1 in _row_tiles(n, v):
-        s = logits[r0:r1].to(cdt) / temperature
-        grad[r0:r1] = grad_tile(s, 0, tokens[r0:r1], valid[r0:r1], lse[r0:r1], entropy[r0:r1], topk_set[r0:r1],
-                                c[r0:r1], g_logp[r0:r1].to(cdt), g_entropy[r0:r1].to(cdt), temperature,
-                                entropy_topk)
+    rows, tiles = _row_tiles(n, v)
+    scratch = Scratch(rows, v, cdt, logits.device)
+    for r0, r1 in tiles:
+        s = _scaled(scratch.view(0, r1 - r0, v), logits[r0:r1], temperature)
+        # fp32/fp64 gradients are written straight into the output; others go through scratch.
+        out = grad[r0:r1] if grad.dtype == cdt else scratch.view(1, r1 - r0, v)
+        g = grad_tile_(s, out, 0, tokens[r0:r1], valid[r0:r1], lse[r0:r1], entropy[r0:r1], topk_set[r0:r1],
+                       c[r0:r1], g_logp[r0:r1], g_entropy[r0:r1], temperature, entropy_topk)
+        if g is not grad[r0:r1]:
+            grad[r0:r1].copy_(g)
     return grad
 
 
 def _linear_tiles(n: int, v: int, chunk: Optional[Tuple[int, int]]):
     rows, cols = chunk or DEFAULT_LINEAR_CHUNK
-    for r0 in range(0, n, rows):
-        yield r0, min(n, r0 + rows), [(v0, min(v, v0 + cols)) for v0 in range(0, v, cols)]
+    rows, cols = min(rows, max(n, 1)), min(cols, v)
+    tiles = [(r0, min(n, r0 + rows), [(v0, min(v, v0 + cols)) for v0 in range(0, v, cols)])
+             for r0 in range(0, n, rows)]
+    return rows, cols, tiles
 
 
-def _logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int, temperature: float,
-                 cdt: torch.dtype) -> Tensor:
-    s = h @ weight[v0:v1].to(cdt).T
+def _logits_tile(dst: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int,
+                 temperature: float) -> Tensor:
+    torch.matmul(h, weight[v0:v1].to(h.dtype).T, out=dst)
     if bias is not None:
-        s = s + bias[v0:v1].to(cdt)
-    return s / temperature
+        dst.add_(bias[v0:v1].to(h.dtype))
+    return dst.div_(temperature)
 
 
 def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
@@ -214,13 +262,15 @@ def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Optional[Te
     n, v = hidden.shape[0], weight.shape[0]
     cdt = _compute_dtype(hidden.dtype)
     tokens, valid = _valid_tokens(tokens, ignore_index)
+    rows, cols, tiles = _linear_tiles(n, v, chunk)
+    scratch = Scratch(rows, cols, cdt, hidden.device)
     parts = []
-    for r0, r1, vtiles in _linear_tiles(n, v, chunk):
+    for r0, r1, vtiles in tiles:
         h = hidden[r0:r1].to(cdt)
         acc = None
         for v0, v1 in vtiles:
-            s = _logits_tile(h, weight, bias, v0, v1, temperature, cdt)
-            acc = merge(acc, tile_partial(s, v0, tokens[r0:r1], topk), topk)
+            s = _logits_tile(scratch.view(0, r1 - r0, v1 - v0), h, weight, bias, v0, v1, temperature)
+            acc = merge(acc, tile_partial(s, scratch.view(1, r1 - r0, v1 - v0), v0, tokens[r0:r1], topk), topk)
         parts.append(finalize(acc, tokens[r0:r1], valid[r0:r1], entropy_topk))
     return _cat_stats(parts, topk, hidden.new_zeros(0, dtype=cdt), entropy_topk)
 
@@ -233,18 +283,21 @@ def linear_token_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[T
     n, v = hidden.shape[0], weight.shape[0]
     cdt = _compute_dtype(hidden.dtype)
     tokens, valid = _valid_tokens(tokens, ignore_index)
+    g_logp, g_entropy = g_logp.to(cdt), g_entropy.to(cdt)
     g_hidden = torch.zeros(hidden.shape, dtype=cdt, device=hidden.device)
     g_weight = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
     g_bias = torch.zeros(v, dtype=cdt, device=weight.device) if bias is not None else None
-    for r0, r1, vtiles in _linear_tiles(n, v, chunk):
+    rows, cols, tiles = _linear_tiles(n, v, chunk)
+    scratch = Scratch(rows, cols, cdt, hidden.device)
+    for r0, r1, vtiles in tiles:
         h = hidden[r0:r1].to(cdt)
-        saved = (lse[r0:r1], entropy[r0:r1], topk_set[r0:r1], c[r0:r1])
+        saved = (tokens[r0:r1], valid[r0:r1], lse[r0:r1], entropy[r0:r1], topk_set[r0:r1], c[r0:r1],
+                 g_logp[r0:r1], g_entropy[r0:r1])
         for v0, v1 in vtiles:
-            s = _logits_tile(h, weight, bias, v0, v1, temperature, cdt)
-            gs = grad_tile(s, v0, tokens[r0:r1], valid[r0:r1], *saved, g_logp[r0:r1].to(cdt),
-                           g_entropy[r0:r1].to(cdt), temperature, entropy_topk)
-            g_hidden[r0:r1] += gs @ weight[v0:v1].to(cdt)
-            g_weight[v0:v1] += gs.T @ h
+            s = _logits_tile(scratch.view(0, r1 - r0, v1 - v0), h, weight, bias, v0, v1, temperature)
+            gs = grad_tile_(s, scratch.view(1, r1 - r0, v1 - v0), v0, *saved, temperature, entropy_topk)
+            g_hidden[r0:r1].addmm_(gs, weight[v0:v1].to(cdt))
+            g_weight[v0:v1].addmm_(gs.T, h)
             if g_bias is not None:
                 g_bias[v0:v1] += gs.sum(dim=0)
     return (g_hidden.to(hidden.dtype), g_weight.to(weight.dtype),
