@@ -95,7 +95,8 @@ def token_stats(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, top
         `entropy` are differentiable w.r.t. `logits` (the backward recomputes p from the saved lse and holds
         no [N, V] temporary beyond the gradient itself).
 
-    A row with a NaN, or with every logit `-inf`, gives NaN in that row only.
+    A row with every logit `-inf` gets lse = -inf and NaN logp/entropy/topk_logp; a row holding a NaN gets
+    NaN in those four. Other rows are unaffected.
     """
     require_float("logits", logits)
     require_int("tokens", tokens)

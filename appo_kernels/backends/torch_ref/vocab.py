@@ -56,6 +56,7 @@ def topk_ties_to_smaller_id(s: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     take = above | (at & (at.cumsum(dim=-1) <= room))  # ... the smallest such ids
     rev_id = torch.arange(v, 0, -1, device=s.device)  # v - id: larger for smaller ids
     ids = v - torch.where(take, rev_id, 0).topk(k, dim=-1).values   # the k taken ids, ascending
+    ids.clamp_(max=v - 1)                              # rows holding NaN take nothing; their stats are NaN
     vals = s.gather(1, ids)
     order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
     return vals.gather(1, order), ids.gather(1, order)
@@ -189,11 +190,12 @@ def _scaled(dst: Tensor, src: Tensor, temperature: float) -> Tensor:
 
 def _cat_stats(parts, k: int, like: Tensor, entropy_topk: bool) -> RowStats:
     if parts:
-        return RowStats(*[torch.cat(f, dim=0) for f in zip(*parts, strict=False)])
-    empty = like.new_zeros(0)
+        return RowStats(*[torch.cat(f, dim=0) for f in zip(*parts)])
+    # No rows: distinct empty tensors (autograd must be able to tell the outputs apart).
     ids = torch.zeros(0, k, dtype=torch.int64, device=like.device)
-    return RowStats(empty, empty, empty, ids, like.new_zeros(0, k),
-                    torch.zeros(0, k + 1, dtype=torch.int64, device=like.device) if entropy_topk else empty, empty)
+    topk_set = torch.zeros(0, k + 1, dtype=torch.int64, device=like.device) if entropy_topk else like.new_zeros(0)
+    return RowStats(like.new_zeros(0), like.new_zeros(0), like.new_zeros(0), ids, like.new_zeros(0, k), topk_set,
+                    like.new_zeros(0))
 
 
 def _valid_tokens(tokens: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:

@@ -1,0 +1,55 @@
+import os
+
+# Must happen before anything imports triton (future triton backends run through the interpreter on CPU).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random
+import sys
+import zlib
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # so test modules can `import oracle`
+
+import appo_kernels
+
+
+def _backends():
+    return list(appo_kernels.available_backends())
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a big subprocess (memory probes); deselect with -m 'not slow'")
+    # keep the suite's CPU use predictable on small CI machines
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(params=_backends())
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def seed(request):
+    """A seed derived from the test id: fresh data per test, reproducible run to run.  Set APPO_TEST_SEED to
+    draw a different (still reproducible) data set everywhere, e.g. to fuzz the suite."""
+    salt = os.environ.get("APPO_TEST_SEED", "")
+    return zlib.crc32((request.node.nodeid + salt).encode())
+
+
+@pytest.fixture
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def pyrng(seed):
+    return random.Random(seed)
+
+
+@pytest.fixture
+def value_checks_restored():
+    """Restore appo_kernels' value checks after a test that switches them off."""
+    yield
+    appo_kernels.set_value_checks(True)

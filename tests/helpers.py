@@ -1,0 +1,156 @@
+"""Shared helpers for the appo_kernels tests: tolerances, comparisons, random padded/packed batches."""
+
+import torch
+
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LAYOUTS = ["padded", "packed"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tolerances
+# ----------------------------------------------------------------------------------------------------------
+
+
+def tol(dtype, kind="logp"):
+    """(atol, rtol) for comparing a library output computed from `dtype` inputs against the float64 oracle
+    (which sees the same, upcast, input values)."""
+    if dtype == torch.float64:
+        return 1e-10, 1e-10
+    if dtype == torch.float32:
+        return 1e-5, 1e-5
+    # bf16 / fp16 inputs (KERNEL_NOTES: logp atol 1e-3, entropy 5e-3, gradients 2e-2)
+    return {"logp": (1e-3, 1e-3), "entropy": (5e-3, 5e-3), "grad": (2e-2, 2e-2)}.get(kind, (1e-3, 1e-3))
+
+
+def out_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def assert_close(actual, expected, atol, rtol, msg=""):
+    """Compare a library tensor with an oracle value (nested lists / tensor) in float64; inf must match inf,
+    NaN must match NaN."""
+    actual = actual.detach().to(torch.float64).cpu()
+    if not torch.is_tensor(expected):
+        expected = torch.tensor(expected, dtype=torch.float64)
+    expected = expected.to(torch.float64).reshape(actual.shape)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True,
+                               msg=(lambda m: f"{msg}: {m}") if msg else None)
+
+
+def f64(t):
+    """Tensor -> nested python lists of float64 (upcasting the actual low-precision values)."""
+    return t.detach().to(torch.float64).cpu().tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# random padded / packed batches
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_lengths(gen, B, T, *, allow_empty=False):
+    """B rollout lengths in [1, T] (one of them exactly T, one of them 1 when B >= 3, one 0 if allow_empty)."""
+    lengths = torch.randint(2, T + 1, (B,), generator=gen).tolist()
+    lengths[0] = T
+    if B >= 3:
+        lengths[1] = 1
+    if allow_empty and B >= 4:
+        lengths[2] = 0
+    return lengths
+
+
+def make_mask(gen, lengths, T, *, tool_spans=True, dtype=torch.bool):
+    """[B, T] mask: 1 on generated tokens, 0 on padding (t >= length) and on a tool-output span strictly
+    inside each rollout long enough to hold one (mask 0 in the middle)."""
+    B = len(lengths)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, L in enumerate(lengths):
+        mask[b, :L] = True
+        if tool_spans and L >= 5:
+            start = int(torch.randint(1, L - 3, (1,), generator=gen))
+            stop = int(torch.randint(start + 1, L - 1, (1,), generator=gen))
+            mask[b, start:stop] = False
+    return mask.to(dtype)
+
+
+def cu_seqlens(lengths, dtype=torch.int64):
+    cu = [0]
+    for L in lengths:
+        cu.append(cu[-1] + L)
+    return torch.tensor(cu, dtype=dtype)
+
+
+def pack(x, lengths):
+    """padded [B, T, ...] -> packed [N, ...] (real tokens only)."""
+    return torch.cat([x[b, :L] for b, L in enumerate(lengths)], dim=0)
+
+
+def unpack(x, lengths, T, fill=0):
+    """packed [N, ...] -> padded [B, T, ...] with `fill` in padding."""
+    out = torch.full((len(lengths), T) + tuple(x.shape[1:]), fill, dtype=x.dtype)
+    off = 0
+    for b, L in enumerate(lengths):
+        out[b, :L] = x[off:off + L]
+        off += L
+    return out
+
+
+def rows(x, lengths=None):
+    """padded [B, T] tensor -> per-rollout python lists (float64 values / bools / ints), trimmed to lengths
+    when given."""
+    vals = x.detach().cpu()
+    if vals.is_floating_point():
+        vals = vals.to(torch.float64)
+    out = vals.tolist()
+    if lengths is not None:
+        out = [r[:L] for r, L in zip(out, lengths)]
+    return out
+
+
+class SeqBatch:
+    """Per-token tensors of a batch of rollouts, held padded [B, T]; `.args(layout, *tensors)` gives the same
+    tensors in the requested layout plus the cu_seqlens to pass."""
+
+    def __init__(self, lengths, T):
+        self.lengths = list(lengths)
+        self.T = T
+        self.B = len(lengths)
+
+    def args(self, layout, *tensors, cu_dtype=torch.int64):
+        if layout == "padded":
+            return tuple(tensors) + (None,)
+        return tuple(None if t is None else pack(t, self.lengths) for t in tensors) + (
+            cu_seqlens(self.lengths, cu_dtype),)
+
+    def to_padded(self, out, layout, fill=0):
+        """A library per-token output in `layout` -> padded [B, T] (fill in padding) for comparison."""
+        if layout == "padded":
+            return out
+        return unpack(out, self.lengths, self.T, fill)
+
+    def real(self):
+        """[B, T] bool: positions that exist in the rollouts (t < length)."""
+        m = torch.zeros(self.B, self.T, dtype=torch.bool)
+        for b, L in enumerate(self.lengths):
+            m[b, :L] = True
+        return m
+
+
+def seq_logps(gen, lengths, T, dtype, *, delta_scale=0.3, garbage=50.0):
+    """Random padded logp / logp_old [B, T] (logp_old = logp + noise), with `garbage` in the padding so an
+    op that reads padding gets visibly wrong results."""
+    B = len(lengths)
+    logp = -torch.rand(B, T, generator=gen, dtype=torch.float64) * 3
+    logp_old = logp + torch.randn(B, T, generator=gen, dtype=torch.float64) * delta_scale
+    real = torch.zeros(B, T, dtype=torch.bool)
+    for b, L in enumerate(lengths):
+        real[b, :L] = True
+    logp = logp.masked_fill(~real, garbage)
+    logp_old = logp_old.masked_fill(~real, -garbage)
+    return logp.to(dtype), logp_old.to(dtype)
+
+
+def mask_as(mask, kind):
+    """A bool mask in one of the accepted encodings: bool, integer 0/1 or float 0/1."""
+    return {"bool": mask.bool(), "int64": mask.long(), "int32": mask.int(), "uint8": mask.to(torch.uint8),
+            "float32": mask.float()}[kind]

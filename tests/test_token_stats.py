@@ -1,0 +1,486 @@
+"""token_stats (SPEC 1, docs/api.md `token_stats`) against the float64 oracle: values, edge cases, gradients."""
+
+import math
+
+import oracle
+import pytest
+import torch
+from helpers import FLOAT_DTYPES, LOW_DTYPES, assert_close, f64, out_dtype, tol
+
+import appo_kernels as ak
+
+
+def make_logits(gen, N, V, dtype, scale=3.0):
+    return (torch.randn(N, V, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def make_tokens(gen, N, V, ignore=(), ignore_index=-100):
+    tokens = torch.randint(0, V, (N,), generator=gen)
+    tokens[0] = 0
+    if N > 1:
+        tokens[1] = V - 1
+    for i in ignore:
+        tokens[i] = ignore_index
+    return tokens
+
+
+def check_against_oracle(res, logits, tokens, *, temperature=1.0, topk=0, ignore_index=-100,
+                         entropy="exact", atol_lp=None, atol_h=None, rtol=None):
+    """Compare every output of a TokenStats with the oracle computed on the upcast input values."""
+    dtype = logits.dtype
+    lead = tokens.shape
+    V = logits.shape[-1]
+    ref = oracle.token_stats(f64(logits.reshape(-1, V)), tokens.reshape(-1).tolist(), temperature, topk,
+                             ignore_index, entropy)
+    a_lp, r_lp = tol(dtype, "logp")
+    a_h, r_h = tol(dtype, "entropy")
+    if atol_lp is not None:
+        a_lp = atol_lp
+    if atol_h is not None:
+        a_h = atol_h
+    if rtol is not None:
+        r_lp = r_h = rtol
+    od = out_dtype(dtype)
+    for name in ("logp", "entropy", "lse"):
+        out = getattr(res, name)
+        assert out.shape == lead, name
+        assert out.dtype == od, (name, out.dtype)
+    assert res.topk_ids.shape == lead + (topk,)
+    assert res.topk_logp.shape == lead + (topk,)
+    assert res.topk_ids.dtype == torch.int64
+    assert res.topk_logp.dtype == od
+    assert_close(res.logp, ref["logp"], a_lp, r_lp, "logp")
+    assert_close(res.lse, ref["lse"], a_lp, r_lp, "lse")
+    assert_close(res.entropy, ref["entropy"], a_h, r_h, "entropy")
+    if topk:
+        exp_ids = [ids for ids in ref["topk_ids"]]
+        assert res.topk_ids.reshape(-1, topk).tolist() == exp_ids
+        assert_close(res.topk_logp, ref["topk_logp"], a_lp, r_lp, "topk_logp")
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------------------
+# values vs oracle
+# ----------------------------------------------------------------------------------------------------------
+
+CASES = [
+    # (leading shape, V, topk, entropy mode, temperature)
+    ((24,), 97, 0, "exact", 1.0),
+    ((3, 8), 256, 5, "exact", 1.0),
+    ((20,), 1001, 3, "topk", 0.7),
+    ((2, 9), 50, 50, "exact", 1.5),
+    ((16,), 64, 10, "topk", 1.0),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-V{c[1]}-k{c[2]}-{c[3]}-t{c[4]}")
+def test_matches_oracle(backend, gen, dtype, case):
+    lead, V, k, mode, tau = case
+    N = math.prod(lead)
+    logits = make_logits(gen, N, V, dtype).reshape(lead + (V,))
+    tokens = make_tokens(gen, N, V, ignore=(N - 1,)).reshape(lead)
+    res = ak.token_stats(logits, tokens, temperature=tau, topk=k, entropy=mode, backend=backend)
+    check_against_oracle(res, logits, tokens, temperature=tau, topk=k, entropy=mode)
+
+
+def test_auto_backend_equals_explicit(backend, gen):
+    logits = make_logits(gen, 12, 33, torch.float32)
+    tokens = make_tokens(gen, 12, 33)
+    a = ak.token_stats(logits, tokens, topk=4, backend=backend)
+    b = ak.token_stats(logits, tokens, topk=4, backend="auto")
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_extreme_logits(backend, gen, dtype):
+    # +-1e4 scale: any implementation that does not subtract the running max overflows.  The tolerance is a
+    # few fp32 ulps of the logit scale (ulp(1e4) ~ 1e-3), the inherent precision of fp32 accumulation.
+    N, V = 16, 97
+    logits = (torch.randn(N, V, generator=gen, dtype=torch.float64) * 1e4).clamp(-6e4, 6e4).to(dtype)
+    tokens = make_tokens(gen, N, V)
+    res = ak.token_stats(logits, tokens, topk=3, backend=backend)
+    atol = 1e-8 if dtype == torch.float64 else 1e-2
+    check_against_oracle(res, logits, tokens, topk=3, atol_lp=atol, atol_h=atol, rtol=1e-6)
+    assert torch.isfinite(res.logp).all() and torch.isfinite(res.entropy).all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_all_negative_logits(backend, gen, dtype):
+    # a running max started at 0 instead of -inf would underflow every exp here
+    N, V = 10, 77
+    logits = (-(torch.rand(N, V, generator=gen, dtype=torch.float64) * 5) - 90).to(dtype)
+    tokens = make_tokens(gen, N, V)
+    res = ak.token_stats(logits, tokens, topk=4, backend=backend)
+    check_against_oracle(res, logits, tokens, topk=4)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["exact", "topk"])
+def test_neg_inf_entries(backend, gen, dtype, mode):
+    # masked vocabulary: about half the entries are -inf; one row has a single finite entry (its target),
+    # so logp = 0 and entropy = 0 there; topk=5 exceeds the finite entries of that row, whose remaining
+    # slots are -inf entries in ascending id order (ties to the smaller id).
+    N, V = 12, 61
+    logits = make_logits(gen, N, V, torch.float64)
+    drop = torch.rand(N, V, generator=gen) < 0.5
+    tokens = make_tokens(gen, N, V)
+    drop[torch.arange(N), tokens] = False  # keep every target finite
+    drop[3] = True
+    drop[3, tokens[3]] = False
+    logits = logits.masked_fill(drop, float("-inf")).to(dtype)
+    res = ak.token_stats(logits, tokens, topk=5, entropy=mode, backend=backend)
+    check_against_oracle(res, logits, tokens, topk=5, entropy=mode)
+    assert res.logp[3].item() == pytest.approx(0.0, abs=1e-6)
+    assert res.entropy[3].item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.isfinite(res.entropy).all()
+
+
+def test_target_on_neg_inf_entry(backend):
+    logits = torch.tensor([[0.0, float("-inf"), 1.0, 2.0]])
+    res = ak.token_stats(logits, torch.tensor([1]), backend=backend)
+    assert res.logp.item() == float("-inf")
+    ref = oracle.token_stats_row([0.0, float("-inf"), 1.0, 2.0], 1)
+    assert res.entropy.item() == pytest.approx(ref["entropy"], abs=1e-6)
+    assert res.lse.item() == pytest.approx(ref["lse"], abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["exact", "topk"])
+def test_ties_and_constant_rows(backend, gen, dtype, mode):
+    # integer-valued logits in [-2, 2]: many exact ties, so the top-k order depends on the tie rule
+    # (descending value, then smaller id first).  Row 0 is constant: p uniform, entropy log V, ids 0..k-1.
+    N, V, k = 9, 40, 10
+    logits = torch.randint(-2, 3, (N, V), generator=gen).to(dtype)
+    logits[0] = 1.5
+    tokens = make_tokens(gen, N, V)
+    res = ak.token_stats(logits, tokens, topk=k, entropy=mode, backend=backend)
+    check_against_oracle(res, logits, tokens, topk=k, entropy=mode)
+    assert res.topk_ids[0].tolist() == list(range(k))
+    if mode == "exact":
+        assert res.entropy[0].item() == pytest.approx(math.log(V), abs=1e-5)
+    assert res.logp[0].item() == pytest.approx(-math.log(V), abs=1e-5)
+
+
+def test_tie_order_hand_built(backend):
+    # values [1, 3, 3, 2, 3, 0]: the three 3's come first in id order (1, 2, 4), then 2 (id 3)
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0]])
+    res = ak.token_stats(logits, torch.tensor([5]), topk=4, backend=backend)
+    assert res.topk_ids.tolist() == [[1, 2, 4, 3]]
+
+
+@pytest.mark.parametrize("ignore_index", [-100, -1])
+@pytest.mark.parametrize("mode,k", [("exact", 0), ("exact", 3), ("topk", 3)])
+@pytest.mark.parametrize("garbage", ["none", "nan", "-inf"])
+def test_ignored_rows(backend, gen, ignore_index, mode, k, garbage):
+    # ignored rows give 0 in every output (ids 0 too); their logits are not read for validity, so a row of
+    # NaN or of -inf must not leak into the outputs (nor crash), and other rows are unaffected
+    N, V = 8, 29
+    logits = make_logits(gen, N, V, torch.float32)
+    if garbage != "none":
+        logits[2] = float(garbage)
+        logits[5, ::2] = float(garbage)
+    tokens = make_tokens(gen, N, V, ignore=(2, 5, 6), ignore_index=ignore_index)
+    res = ak.token_stats(logits, tokens, topk=k, ignore_index=ignore_index, entropy=mode, backend=backend)
+    check_against_oracle(res, logits, tokens, topk=k, ignore_index=ignore_index, entropy=mode)
+    for r in (2, 5, 6):
+        assert res.logp[r].item() == 0 and res.entropy[r].item() == 0 and res.lse[r].item() == 0
+        assert res.topk_ids[r].tolist() == [0] * k
+        assert res.topk_logp[r].tolist() == [0.0] * k
+
+
+def test_all_ignored(backend, gen):
+    logits = make_logits(gen, 4, 9, torch.float32)
+    tokens = torch.full((4,), -100)
+    res = ak.token_stats(logits, tokens, topk=2, backend=backend)
+    assert res.logp.abs().sum() == 0 and res.entropy.abs().sum() == 0 and res.lse.abs().sum() == 0
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_undefined_rows_are_nan_in_that_row_only(backend, gen, k):
+    # docs: a row that is entirely -inf has lse = -inf and NaN logp, entropy and topk_logp; a row holding a
+    # NaN gives NaN in those four; other rows are unaffected (topk_ids of such rows are unspecified)
+    N, V = 6, 23
+    logits = make_logits(gen, N, V, torch.float32)
+    logits[1] = float("-inf")
+    logits[4, 7] = float("nan")
+    tokens = make_tokens(gen, N, V)
+    res = ak.token_stats(logits, tokens, topk=k, backend=backend)
+    for r in (1, 4):
+        assert torch.isnan(res.logp[r]), ("logp", r)
+        assert torch.isnan(res.entropy[r]), ("entropy", r)
+        assert torch.isnan(res.topk_logp[r]).all(), ("topk_logp", r)
+    assert res.lse[1].item() == float("-inf")
+    assert torch.isnan(res.lse[4])
+    good = [0, 2, 3, 5]
+    check_against_oracle(ak.token_stats(logits[good], tokens[good], topk=k, backend=backend), logits[good],
+                         tokens[good], topk=k)
+    for name in ("logp", "entropy", "lse", "topk_logp"):
+        torch.testing.assert_close(getattr(res, name)[good],
+                                   getattr(ak.token_stats(logits[good], tokens[good], topk=k, backend=backend), name))
+    assert torch.equal(res.topk_ids[good], ak.token_stats(logits[good], tokens[good], topk=k, backend=backend).topk_ids)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_single_row(backend, gen, dtype):
+    logits = make_logits(gen, 1, 97, dtype)
+    tokens = torch.tensor([96])
+    res = ak.token_stats(logits, tokens, topk=2, backend=backend)
+    check_against_oracle(res, logits, tokens, topk=2)
+
+
+@pytest.mark.parametrize("V", [1, 2, 97, 1001])
+def test_odd_and_tiny_vocab(backend, gen, V):
+    logits = make_logits(gen, 7, V, torch.float32)
+    tokens = make_tokens(gen, 7, V)
+    k = min(V, 3)
+    res = ak.token_stats(logits, tokens, topk=k, backend=backend)
+    check_against_oracle(res, logits, tokens, topk=k)
+    if V == 1:
+        assert res.logp.abs().max().item() == 0 and res.entropy.abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["transposed", "vocab_stride", "row_stride", "permuted_3d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous(backend, gen, kind, dtype):
+    N, V = 10, 53
+    if kind == "transposed":
+        logits = make_logits(gen, V, N, dtype).t()
+    elif kind == "vocab_stride":
+        logits = make_logits(gen, N, 2 * V, dtype)[:, ::2]
+    elif kind == "row_stride":
+        logits = make_logits(gen, 2 * N, V, dtype)[::2]
+    else:
+        logits = make_logits(gen, N, V, dtype).reshape(5, 2, V).permute(1, 0, 2)
+    assert not logits.is_contiguous()
+    tokens_base = torch.randint(0, V, (2 * N,), generator=gen)
+    tokens = tokens_base[::2].reshape(logits.shape[:-1])
+    res = ak.token_stats(logits, tokens, topk=4, backend=backend)
+    check_against_oracle(res, logits, tokens, topk=4)
+    ref = ak.token_stats(logits.contiguous(), tokens.contiguous(), topk=4, backend=backend)
+    for a, b in zip(res, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("tau", [1.0, 0.6])
+def test_shift_invariance(backend, gen, dtype, tau):
+    # logits + 100 give the same logp, entropy and top-k; lse moves by 100 / tau
+    N, V = 14, 97
+    logits = make_logits(gen, N, V, dtype)
+    tokens = make_tokens(gen, N, V)
+    a = ak.token_stats(logits, tokens, temperature=tau, topk=5, backend=backend)
+    b = ak.token_stats(logits + 100, tokens, temperature=tau, topk=5, backend=backend)
+    atol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(b.logp, a.logp, atol=atol, rtol=0)
+    torch.testing.assert_close(b.entropy, a.entropy, atol=atol, rtol=0)
+    torch.testing.assert_close(b.lse - 100 / tau, a.lse, atol=atol, rtol=0)
+    assert torch.equal(a.topk_ids, b.topk_ids)
+    torch.testing.assert_close(b.topk_logp, a.topk_logp, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("tau", [0.25, 0.7, 2.0])
+def test_temperature(backend, gen, tau):
+    N, V = 11, 64
+    logits = make_logits(gen, N, V, torch.float64)
+    tokens = make_tokens(gen, N, V)
+    res = ak.token_stats(logits, tokens, temperature=tau, topk=3, backend=backend)
+    check_against_oracle(res, logits, tokens, temperature=tau, topk=3)
+    # temperature tau on z is the same as temperature 1 on z / tau
+    res1 = ak.token_stats(logits / tau, tokens, topk=3, backend=backend)
+    torch.testing.assert_close(res.logp, res1.logp)
+    torch.testing.assert_close(res.entropy, res1.entropy)
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_empty_rows(backend, lead, dtype):
+    V, k = 13, 3
+    logits = torch.zeros(lead + (V,), dtype=dtype, requires_grad=True)
+    tokens = torch.zeros(lead, dtype=torch.int64)
+    res = ak.token_stats(logits, tokens, topk=k, backend=backend)
+    for name in ("logp", "entropy", "lse"):
+        assert getattr(res, name).shape == lead
+        assert getattr(res, name).dtype == out_dtype(dtype)
+    assert res.topk_ids.shape == lead + (k,) and res.topk_ids.dtype == torch.int64
+    assert res.topk_logp.shape == lead + (k,)
+    (res.logp.sum() + res.entropy.sum()).backward()
+    assert logits.grad.shape == logits.shape
+
+
+def test_topk_zero_outputs(backend, gen):
+    logits = make_logits(gen, 12, 7, torch.float32).reshape(3, 4, 7)
+    tokens = torch.randint(0, 7, (3, 4), generator=gen)
+    res = ak.token_stats(logits, tokens, backend=backend)
+    assert res.topk_ids.shape == (3, 4, 0) and res.topk_ids.dtype == torch.int64
+    assert res.topk_logp.shape == (3, 4, 0)
+
+
+def test_int32_tokens_accepted(backend, gen):
+    logits = make_logits(gen, 6, 19, torch.float32)
+    tokens = make_tokens(gen, 6, 19)
+    a = ak.token_stats(logits, tokens.to(torch.int32), topk=2, backend=backend)
+    b = ak.token_stats(logits, tokens, topk=2, backend=backend)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_padded_equals_flat(backend, gen):
+    # [B, T, V] and the same rows flattened to [N, V] give the same statistics
+    B, T, V = 3, 5, 31
+    logits = make_logits(gen, B * T, V, torch.float32).reshape(B, T, V)
+    tokens = torch.randint(0, V, (B, T), generator=gen)
+    tokens[1, 3:] = -100
+    a = ak.token_stats(logits, tokens, topk=3, backend=backend)
+    b = ak.token_stats(logits.reshape(-1, V), tokens.reshape(-1), topk=3, backend=backend)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.reshape(y.shape), y)
+
+
+def test_no_grad_on_lse_and_topk(backend, gen):
+    logits = make_logits(gen, 5, 11, torch.float32).requires_grad_()
+    res = ak.token_stats(logits, make_tokens(gen, 5, 11), topk=2, backend=backend)
+    assert res.logp.requires_grad and res.entropy.requires_grad
+    assert not res.lse.requires_grad
+    assert not res.topk_logp.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gradients
+# ----------------------------------------------------------------------------------------------------------
+
+GRAD_TARGETS = ["logp", "entropy", "both", "tuple"]
+
+
+def _objective(res, target, w1, w2):
+    if target == "logp":
+        return res.logp
+    if target == "entropy":
+        return res.entropy
+    if target == "both":
+        return (res.logp * w1 + res.entropy * w2).sum()
+    return res.logp, res.entropy
+
+
+@pytest.mark.parametrize("target", GRAD_TARGETS)
+@pytest.mark.parametrize("mode,k", [("exact", 0), ("exact", 3), ("topk", 3)])
+@pytest.mark.parametrize("tau,ignore", [(1.0, ()), (0.7, (1, 4))], ids=["plain", "tau-ignored"])
+def test_gradcheck(backend, gen, target, mode, k, tau, ignore):
+    N, V = 6, 9
+    logits = make_logits(gen, N, V, torch.float64, scale=1.5).requires_grad_()
+    tokens = make_tokens(gen, N, V, ignore=ignore)
+    w1 = torch.randn(N, generator=gen, dtype=torch.float64)
+    w2 = torch.randn(N, generator=gen, dtype=torch.float64)
+
+    def fn(x):
+        res = ak.token_stats(x, tokens, temperature=tau, topk=k, entropy=mode, backend=backend)
+        return _objective(res, target, w1, w2)
+
+    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_3d(backend, gen):
+    logits = make_logits(gen, 8, 7, torch.float64).reshape(2, 4, 7).requires_grad_()
+    tokens = torch.randint(0, 7, (2, 4), generator=gen)
+    tokens[0, 2] = -100
+    w = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+
+    def fn(x):
+        r = ak.token_stats(x, tokens, temperature=1.3, backend=backend)
+        return (r.logp * w + r.entropy).sum()
+
+    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def torch_reference(logits, tokens, tau, topk, mode, ignore_index=-100):
+    """Autograd-through-torch-ops reference (log_softmax etc.), computed in float64."""
+    s = logits.to(torch.float64) / tau
+    logp_all = torch.log_softmax(s, dim=-1)
+    valid = tokens != ignore_index
+    safe = torch.where(valid, tokens, torch.zeros_like(tokens))
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    p = logp_all.exp()
+    plogp = p * logp_all
+    if mode == "exact":
+        ent = -plogp.sum(-1)
+    else:
+        sel = torch.zeros_like(s, dtype=torch.bool)
+        # top-k with ties to the smaller id: a stable descending sort keeps equal values in id order
+        sel.scatter_(-1, torch.sort(s.detach(), dim=-1, descending=True, stable=True).indices[..., :topk], True)
+        sel.scatter_(-1, safe.unsqueeze(-1), True)
+        ent = -(plogp * sel).sum(-1)
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.where(valid, logp, zero), torch.where(valid, ent, zero)
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("mode,k", [("exact", 0), ("topk", 4)])
+@pytest.mark.parametrize("tau", [1.0, 0.8])
+def test_grad_vs_torch_reference_and_oracle(backend, gen, dtype, mode, k, tau):
+    N, V = 16, 83
+    base = make_logits(gen, N, V, dtype)
+    tokens = make_tokens(gen, N, V, ignore=(5,))
+    w1 = torch.randn(N, generator=gen)
+    w2 = torch.randn(N, generator=gen)
+
+    logits = base.clone().requires_grad_()
+    res = ak.token_stats(logits, tokens, temperature=tau, topk=k, entropy=mode, backend=backend)
+    (res.logp * w1 + res.entropy * w2).sum().backward()
+    assert logits.grad.dtype == dtype and logits.grad.shape == logits.shape
+
+    ref_in = base.to(torch.float64).requires_grad_()
+    lp, h = torch_reference(ref_in, tokens, tau, k, mode)
+    (lp * w1.double() + h * w2.double()).sum().backward()
+
+    atol, rtol = tol(dtype, "grad")
+    assert_close(logits.grad, ref_in.grad, atol, rtol, "grad vs torch reference")
+
+    rows = f64(base)
+    exp = [oracle.token_stats_grad_row(rows[n], int(tokens[n]), float(w1[n]), float(w2[n]), tau, k,
+                                       -100, mode) for n in range(N)]
+    assert_close(logits.grad, exp, atol, rtol, "grad vs oracle")
+    assert logits.grad[5].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("garbage", ["nan", "-inf"])
+def test_ignored_rows_have_zero_grad(backend, gen, garbage):
+    N, V = 6, 17
+    logits = make_logits(gen, N, V, torch.float32)
+    logits[3] = float(garbage)
+    logits.requires_grad_()
+    tokens = make_tokens(gen, N, V, ignore=(3,))
+    res = ak.token_stats(logits, tokens, backend=backend)
+    (res.logp.sum() + 0.5 * res.entropy.sum()).backward()
+    assert torch.equal(logits.grad[3], torch.zeros(V))
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_grad_non_contiguous(backend, gen):
+    N, V = 8, 21
+    base = make_logits(gen, V, N, torch.float64).requires_grad_()
+    logits = base.t()
+    tokens = make_tokens(gen, N, V)
+    res = ak.token_stats(logits, tokens, backend=backend)
+    (res.logp + 2 * res.entropy).sum().backward()
+    exp_in = base.detach().clone().requires_grad_()
+    lp, h = torch_reference(exp_in.t(), tokens, 1.0, 0, "exact")
+    (lp + 2 * h).sum().backward()
+    torch.testing.assert_close(base.grad, exp_in.grad, atol=1e-10, rtol=1e-10)
+
+
+def test_topk_entropy_support_hand_worked(backend):
+    # logits [2, 1, 0, -1], k = 2: the top-2 ids are {0, 1}.
+    #   token 0 (inside the top-k): support {0, 1}      -> H = -(p0 log p0 + p1 log p1)
+    #   token 3 (outside):          support {0, 1, 3}   -> H = -(p0 log p0 + p1 log p1 + p3 log p3)
+    # with p the FULL softmax (not renormalised over the support)
+    z = [2.0, 1.0, 0.0, -1.0]
+    lse = math.log(sum(math.exp(x) for x in z))
+    p = [math.exp(x - lse) for x in z]
+    h = lambda ids: -sum(p[i] * math.log(p[i]) for i in ids)
+    logits = torch.tensor([z, z], dtype=torch.float64)
+    res = ak.token_stats(logits, torch.tensor([0, 3]), topk=2, entropy="topk", backend=backend)
+    assert res.entropy.tolist() == pytest.approx([h([0, 1]), h([0, 1, 3])], abs=1e-12)
+    assert res.topk_ids.tolist() == [[0, 1], [0, 1]]
+    exact = ak.token_stats(logits, torch.tensor([0, 3]), topk=2, backend=backend)
+    assert exact.entropy.tolist() == pytest.approx([h(range(4))] * 2, abs=1e-12)
