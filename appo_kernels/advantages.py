@@ -130,8 +130,8 @@ def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, spl
     def impulses(values: Tensor) -> Tensor:
         return torch.zeros(n, dtype=dtype, device=device).index_add_(0, at, torch.where(is_branch, values, zero))
 
-    credit_sum = impl.reverse_discounted_scan(impulses(a_hat), lay.seg, lay.pos, 1.0)
-    credit_cnt = impl.reverse_discounted_scan(impulses(torch.ones_like(a_hat)), lay.seg, lay.pos, 1.0)
+    credit_sum = impl.reverse_discounted_scan(impulses(a_hat), lay, 1.0)
+    credit_cnt = impl.reverse_discounted_scan(impulses(torch.ones_like(a_hat)), lay, 1.0)
     adv = a_hat[lay.seg] + torch.where(credit_cnt > 0, credit_sum / credit_cnt.clamp(min=1), zero)
 
     multiplier = torch.ones(n, dtype=dtype, device=device)
@@ -141,7 +141,7 @@ def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, spl
             0, src, torch.where(is_branch, bs, float("-inf")), "amax")[src]
         weight = torch.where(strongest > 0, bs.clamp(min=0) / strongest.clamp(min=torch.finfo(dtype).tiny), zero)
         n_branches = segment_sum(is_branch.to(dtype), src, r)
-        boost = impl.reverse_discounted_scan(impulses(weight), lay.seg, lay.pos, decay)
+        boost = impl.reverse_discounted_scan(impulses(weight), lay, decay)
         multiplier = 1 + torch.where(n_branches[lay.seg] > 0, boost / n_branches[lay.seg].clamp(min=1), zero)
         adv = adv * multiplier
 

@@ -72,7 +72,7 @@ def future_kl_weights(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: 
     with torch.no_grad():
         delta = (lp.to(dtype) - lpo.to(dtype)).clamp(-LOG_RATIO_CLIP, LOG_RATIO_CLIP)
         kept = torch.where(m & (delta <= math.log(clip_ratio_c)), delta, zero)
-        fkl = impl.reverse_discounted_scan(kept, lay.seg, lay.pos, gamma)
+        fkl = impl.reverse_discounted_scan(kept, lay, gamma)
         f = torch.exp(fkl).clamp(1.0 if high_only else 1 - clip_eps, 1 + clip_eps)
         a = adv.to(dtype)
         f = torch.where((a < 0) & (torch.exp(delta) > ratio_threshold), f.clamp(1 - clip_eps, 1.0), f)

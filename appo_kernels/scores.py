@@ -59,7 +59,7 @@ def _future_values(impl, lay: SeqLayout, logp: Tensor, logp_old: Tensor, mask: T
     """Flat [N] inputs -> flat FutureValues (SPEC 2)."""
     zero = torch.zeros((), dtype=dtype, device=logp.device)
     r = torch.where(mask, logp.to(dtype) - logp_old.to(dtype), zero)
-    gain = impl.reverse_discounted_scan(r, lay.seg, lay.pos, gamma)
+    gain = impl.reverse_discounted_scan(r, lay, gamma)
     omega = torch.exp(gain.clamp(-OMEGA_LOG_CLIP, OMEGA_LOG_CLIP)).clamp(1 - clip_eps, 1 + clip_eps)
     return FutureValues(torch.where(mask, omega, zero), torch.where(mask, gain, zero))
 
@@ -99,8 +99,7 @@ def _score(impl, lay: SeqLayout, entropy: Tensor, logp: Optional[Tensor], logp_o
     omega = None
     if logp_old is not None:
         omega = _future_values(impl, lay, logp, logp_old, mask, gamma, clip_eps, dtype).omega
-    score, candidate = impl.branching_score(entropy.to(dtype), omega, eligible & mask, lay.seg,
-                                            lay.num_rollouts)
+    score, candidate = impl.branching_score(entropy.to(dtype), omega, eligible & mask, lay)
     ent = torch.where(mask, entropy.to(dtype), zero)
     lp = None if logp is None else torch.where(mask, logp.to(dtype), zero)
     return score.to(dtype), candidate, ent, lp, omega

@@ -5,8 +5,8 @@ layouts and composes them:
 
     token_stats_forward / token_stats_backward                    [N, V] logits
     linear_token_stats_forward / linear_token_stats_backward       hidden [N, H], weight [V, H]
-    reverse_discounted_scan(x, seg, pos, gamma)                    flat [N]
-    branching_score(entropy, omega, eligible, seg, num_segments)   flat [N]
+    reverse_discounted_scan(x, layout, gamma)                      flat [N], layout: _layout.SeqLayout
+    branching_score(entropy, omega, eligible, layout)              flat [N]
     supports(device) -> bool
 
 "auto" picks, for the input's device, the first available backend in PREFERENCE that supports it.

@@ -12,46 +12,43 @@ from torch import Tensor
 SCAN_CHUNK = 32
 
 
-def _decay(gamma: float, dist: Tensor, same: Tensor, dtype: torch.dtype) -> Tensor:
-    """gamma ** dist where `same`, else 0 (dist clamped first so masked entries never overflow)."""
-    if gamma == 1.0:
-        return same.to(dtype)
-    w = torch.pow(torch.tensor(gamma, dtype=dtype, device=dist.device), dist.clamp(min=0).to(dtype))
-    return torch.where(same, w, torch.zeros_like(w))
+def _block_scan(x: Tensor, seg: Tensor, step: float) -> Tensor:
+    """F[i] = sum_{j >= i, seg[j] == seg[i]} step^(j - i) * x[j] over flat [n] with contiguous segments.
 
-
-def reverse_discounted_scan(x: Tensor, seg: Tensor, pos: Tensor, gamma: float) -> Tensor:
-    """F[i] = sum_{j >= i, seg[j] == seg[i]} gamma^(pos[j] - pos[i]) * x[j]   (x, seg, pos: [N]).
-
-    Segments must be contiguous with increasing `pos`. Blocks of SCAN_CHUNK positions are solved with a
-    small dense decay matrix; the value at each block's first position is the same scan one level up,
-    over the block heads (whose `pos` differences are again the distances), which is then carried back
-    into each block. Exact for any gamma in (0, 1]: no gamma^-t rescaling, so nothing overflows.
+    Blocks of SCAN_CHUNK positions are solved with a dense decay matrix masked to the segment; the value at
+    each block's head is the same scan one level up over the heads (a distance of one head is SCAN_CHUNK
+    positions, hence step^SCAN_CHUNK), and is then carried back into every block. No step^-i rescaling,
+    so nothing overflows for any step in (0, 1].
     """
-    n = x.numel()
-    c = SCAN_CHUNK
-    if n == 0:
-        return x.clone()
+    n, c = x.numel(), SCAN_CHUNK
     blocks = -(-n // c)
     pad = blocks * c - n
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
         seg = torch.nn.functional.pad(seg, (0, pad), value=-1)
-        pos = torch.nn.functional.pad(pos, (0, pad))
-    xs, ss, ps = x.view(blocks, c), seg.view(blocks, c), pos.view(blocks, c)
-    dist = ps[:, None, :] - ps[:, :, None]                        # [blocks, i, j] = pos[j] - pos[i]
-    upper = torch.ones(c, c, dtype=torch.bool, device=x.device).triu()
-    same = (ss[:, None, :] == ss[:, :, None]) & upper
-    local = (_decay(gamma, dist, same, x.dtype) @ xs.unsqueeze(-1)).squeeze(-1)
+    xs, ss = x.view(blocks, c), seg.view(blocks, c)
+    offs = torch.arange(c, device=x.device)
+    dist = offs[None, :] - offs[:, None]                                    # [i, j] = j - i
+    decay = torch.where(dist >= 0, torch.pow(step, dist.clamp(min=0).to(x.dtype)), 0).to(x.dtype)
+    same = ss[:, None, :] == ss[:, :, None]                                 # [blocks, i, j]
+    local = (torch.where(same, decay, 0) @ xs.unsqueeze(-1)).squeeze(-1)
     if blocks > 1:
-        heads = reverse_discounted_scan(local[:, 0].contiguous(), ss[:, 0].contiguous(), ps[:, 0].contiguous(),
-                                        gamma)
+        heads = _block_scan(local[:, 0].contiguous(), ss[:, 0].contiguous(), step ** c)
         nxt_val = torch.cat([heads[1:], heads.new_zeros(1)])
-        nxt_seg = torch.cat([ss[1:, 0], ss.new_full((1,), -2)])   # -2: never a real (or padding) segment
-        nxt_pos = torch.cat([ps[1:, 0], ps.new_zeros(1)])
-        carry = _decay(gamma, nxt_pos[:, None] - ps, ss == nxt_seg[:, None], x.dtype)
-        local = local + carry * nxt_val[:, None]
+        nxt_seg = torch.cat([ss[1:, 0], ss.new_full((1,), -2)])           # -2: never a real or padding segment
+        carry = torch.pow(step, (c - offs).to(x.dtype))                      # distance from i to the next head
+        local = local + torch.where(ss == nxt_seg[:, None], carry * nxt_val[:, None], 0)
     return local.reshape(-1)[:n]
+
+
+def reverse_discounted_scan(x: Tensor, layout, gamma: float) -> Tensor:
+    """F[t] = sum_{k >= t in the same rollout} gamma^(k - t) * x[k] over flat [N] `x` (SPEC 2, 5, 6).
+
+    `layout` is an appo_kernels._layout.SeqLayout; exact, O(N), vectorised.
+    """
+    if x.numel() == 0:
+        return x.clone()
+    return _block_scan(x, layout.seg, float(gamma))
 
 
 def segment_sum(x: Tensor, seg: Tensor, num_segments: int) -> Tensor:
@@ -79,8 +76,9 @@ def segment_zscore(x: Tensor, include: Tensor, seg: Tensor, num_segments: int, e
     return centred / (std[seg] + eps)
 
 
-def branching_score(entropy: Tensor, omega, eligible: Tensor, seg: Tensor, num_segments: int):
+def branching_score(entropy: Tensor, omega, eligible: Tensor, layout):
     """SPEC 3: score = Z(H) * Z(omega) (or Z(H) without omega) and candidate, over flat [N] vectors."""
+    seg, num_segments = layout.seg, layout.num_rollouts
     z_h = segment_zscore(entropy, eligible, seg, num_segments)
     if omega is None:
         score, candidate = z_h, eligible & (z_h > 0)

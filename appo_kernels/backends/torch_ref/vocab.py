@@ -52,10 +52,10 @@ def topk_ties_to_smaller_id(s: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     kth = s.topk(k, dim=-1).values[:, -1:]            # the k-th largest value is unambiguous
     above = s > kth
     at = s == kth
-    room = k - above.sum(dim=-1, keepdim=True)         # how many ids valued exactly kth make the cut
-    take = above | (at & (at.cumsum(dim=-1) <= room))  # ... the smallest such ids
-    rev_id = torch.arange(v, 0, -1, device=s.device)  # v - id: larger for smaller ids
-    ids = v - torch.where(take, rev_id, 0).topk(k, dim=-1).values   # the k taken ids, ascending
+    room = k - above.sum(dim=-1, keepdim=True, dtype=torch.int32)   # how many ids valued exactly kth make it
+    take = above | (at & (at.cumsum(dim=-1, dtype=torch.int32) <= room))   # ... the smallest such ids
+    rev_id = torch.arange(v, 0, -1, dtype=torch.int32, device=s.device)     # v - id: larger for smaller ids
+    ids = (v - torch.where(take, rev_id, 0).topk(k, dim=-1).values).long()  # the k taken ids, ascending
     ids.clamp_(max=v - 1)                              # rows holding NaN take nothing; their stats are NaN
     vals = s.gather(1, ids)
     order = torch.sort(vals, dim=-1, descending=True, stable=True).indices

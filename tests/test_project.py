@@ -1,0 +1,42 @@
+"""The project's promises outside the ops: the README's commands, CI and the demo."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands():
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"^    (pip install .+)$", text, flags=re.M)
+
+
+def test_readme_has_exactly_two_setup_commands():
+    cmds = _readme_commands()
+    assert len(cmds) == 2, cmds
+    assert all('"torch==2.13.0"' in c for c in cmds), "both must pin torch so pip never pulls a CUDA build"
+
+
+def test_ci_runs_the_readme_test_command():
+    test_cmd = [c for c in _readme_commands() if "pytest" in c]
+    assert len(test_cmd) == 1
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_cmd[0] in [line.strip() for line in ci], "the README's test command must be what .ci/run runs"
+
+
+def test_build_requirements_hold_no_torch():
+    # pip builds in an isolated environment where an unpinned torch would be the multi-GB CUDA build.
+    import tomllib
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert not any(r.lower().startswith("torch") for r in requires), requires
+
+
+def test_demo_runs_and_prints_branch_points():
+    out = subprocess.run([sys.executable, "-m", "appo_kernels.demo", "--groups", "2", "--rollouts", "3",
+                          "--branches", "2", "--length", "24", "--vocab", "50"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if re.match(r"^\s+\d+\s+\d+\s+\d+\s+\d+\s", line)]
+    assert len(rows) >= 2 * 2, out.stdout  # one row per (group, slot), then one per rollout
+    assert "candidates" in out.stdout
