@@ -22,7 +22,8 @@ def synthetic_batch(groups: int, rollouts: int, length: int, vocab: int, seed: i
     r = groups * rollouts
     sharpness = torch.rand(r, length, 1, generator=g) * 4                 # varied entropy along the text
     logits = torch.randn(r, length, vocab, generator=g) * sharpness
-    tokens = torch.distributions.Categorical(logits=logits).sample()
+    probs = torch.softmax(logits, -1).reshape(-1, vocab)
+    tokens = torch.multinomial(probs, 1, generator=g).reshape(r, length)
     mask = torch.ones(r, length, dtype=torch.bool)
     lengths = torch.randint(length // 2, length + 1, (r,), generator=g)
     for i in range(r):                                                     # build-time only, tiny
@@ -30,9 +31,9 @@ def synthetic_batch(groups: int, rollouts: int, length: int, vocab: int, seed: i
         mask[i, start:start + 6] = False                                   # a tool result
         mask[i, int(lengths[i]):] = False                                  # padding
     logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
-    drift = torch.randn(r, length, generator=g) * 0.05
-    decisive = torch.rand(r, length, generator=g) < 0.08
-    logp_old = logp - drift - decisive * torch.rand(r, length, generator=g) * 0.5
+    drift = torch.randn(r, length, generator=g) * 0.02
+    decisive = torch.rand(r, length, generator=g) < 0.05
+    logp_old = logp - drift - decisive * torch.rand(r, length, generator=g) * 0.15
     group_ids = torch.arange(groups).repeat_interleave(rollouts)
     return logits, tokens, mask, logp_old, group_ids
 
