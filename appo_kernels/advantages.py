@@ -111,7 +111,7 @@ def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, spl
             raise ValueError("branch_score: expected a float [R] tensor when branch_strength_scaling=True, got None")
         _per_rollout("branch_score", branch_score, r, device, kind="float")
         decay = require_positive_float("decay", decay, upper=1.0)
-    impl = backends.resolve(backend, device)
+    impl = backends.resolve(backend, device, "reverse_discounted_scan", _dtype(rewards))
     parent = parent.to(torch.int64)
     split = split.to(torch.int64)
     is_branch = parent >= 0

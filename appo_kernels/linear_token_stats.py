@@ -74,7 +74,7 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: 
     vocab = weight.shape[0]
     temperature, topk, ignore_index = check_token_options(vocab, temperature, topk, ignore_index, entropy)
     check_token_ids(tokens, vocab, ignore_index)
-    impl = backends.resolve(backend, hidden.device)
+    impl = backends.resolve(backend, hidden.device, "linear_token_stats", hidden.dtype)
     lead = tokens.shape
     out = _LinearTokenStatsFn.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1),
                                     temperature, topk, ignore_index, entropy == "topk", chunk_size, impl)

@@ -66,7 +66,7 @@ def future_kl_weights(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: 
     clip_ratio_c = require_positive_float("clip_ratio_c", clip_ratio_c)
     ratio_threshold = require_positive_float("ratio_threshold", ratio_threshold)
     coef = float(coef)
-    impl = backends.resolve(backend, logp.device)
+    impl = backends.resolve(backend, logp.device, "reverse_discounted_scan", out_dtype(logp))
     dtype = out_dtype(logp)
     zero = torch.zeros((), dtype=dtype, device=logp.device)
     with torch.no_grad():

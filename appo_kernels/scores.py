@@ -13,6 +13,7 @@ from ._validation import (as_bool_mask, require_float, require_int, require_ndim
 from .token_stats import check_token_ids, token_stats
 
 OMEGA_LOG_CLIP = 20.0
+SCORE_OPS = ("reverse_discounted_scan", "branching_score")
 
 
 class FutureValues(NamedTuple):
@@ -87,7 +88,7 @@ def future_values(logp: Tensor, logp_old: Tensor, mask: Optional[Tensor] = None,
         raise TypeError("logp_old: expected a float tensor, got None")
     m = as_bool_mask("mask", mask, lay.shape, logp.device).reshape(-1)
     gamma, clip_eps = check_gamma("gamma", gamma), check_clip_eps(clip_eps)
-    impl = backends.resolve(backend, logp.device)
+    impl = backends.resolve(backend, logp.device, "reverse_discounted_scan", out_dtype(logp))
     fv = _future_values(impl, lay, lp, lpo, m, gamma, clip_eps, out_dtype(logp))
     return FutureValues(lay.unflat(fv.omega), lay.unflat(fv.gain))
 
@@ -149,7 +150,7 @@ def score_tokens(entropy: Tensor, logp: Optional[Tensor] = None, logp_old: Optio
     lay = seq_layout("entropy", entropy, cu_seqlens)
     gamma, clip_eps = check_gamma("gamma", gamma), check_clip_eps(clip_eps)
     ent, lp, lpo, m, el = _check_score_inputs(lay, entropy, logp, logp_old, mask, eligible, entropy.device)
-    impl = backends.resolve(backend, entropy.device)
+    impl = backends.resolve(backend, entropy.device, SCORE_OPS, out_dtype(entropy))
     return _unflat_scores(lay, _score(impl, lay, ent, lp, lpo, m, el, gamma, clip_eps, out_dtype(entropy)))
 
 
@@ -186,7 +187,7 @@ def branching_score(logits: Tensor, tokens: Tensor, logp_old: Optional[Tensor] =
     with torch.no_grad():
         st = token_stats(logits, torch.where(m, tokens, torch.full_like(tokens, ignore)), temperature=temperature,
                          topk=topk, ignore_index=ignore, entropy=entropy, backend=backend)
-        impl = backends.resolve(backend, logits.device)
+        impl = backends.resolve(backend, logits.device, SCORE_OPS, out_dtype(logits))
         ent, lp, lpo, mf, el = _check_score_inputs(lay, st.entropy, st.logp, logp_old, m, eligible,
                                                    logits.device)
         flat = _score(impl, lay, ent, lp, lpo, mf, el, gamma, clip_eps, out_dtype(logits))

@@ -1,28 +1,32 @@
 """Backend registry.
 
-A backend is a module exposing the primitives below for flat inputs; the public API validates, normalises
-layouts and composes them:
+A backend is a module exposing, for flat inputs, the primitives it implements (its `OPS`); the public API
+validates, normalises layouts and composes them:
 
     token_stats_forward / token_stats_backward                    [N, V] logits
     linear_token_stats_forward / linear_token_stats_backward       hidden [N, H], weight [V, H]
     reverse_discounted_scan(x, layout, gamma)                      flat [N], layout: _layout.SeqLayout
     branching_score(entropy, omega, eligible, layout)              flat [N]
-    supports(device) -> bool
 
-"auto" picks, for the input's device, the first available backend in PREFERENCE that supports it.
+and `supports(op, device, dtype) -> bool`, `available() -> bool`. "auto" picks, for the op and the input's
+device and dtype, the first backend in PREFERENCE that supports it. An explicitly named backend that cannot
+run the op raises: nothing falls back silently.
 """
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import torch_ref
+from . import native, torch_ref
 
-_REGISTRY: Dict[str, ModuleType] = {torch_ref.NAME: torch_ref}
-# Fastest first; backends that are not built or not installed are simply absent from the registry.
-PREFERENCE = ("torch",)
+class BackendUnsupported(ValueError):
+    """A named backend cannot run the requested op on this device/dtype (a ValueError naming `backend`)."""
+
+
+_REGISTRY: Dict[str, ModuleType] = {m.NAME: m for m in (native, torch_ref) if m.available()}
+PREFERENCE = ("native", "torch")  # fastest first
 
 
 def available_backends() -> List[str]:
@@ -30,18 +34,31 @@ def available_backends() -> List[str]:
     return [name for name in PREFERENCE if name in _REGISTRY]
 
 
-def resolve(backend: str, device: torch.device) -> ModuleType:
-    """The backend module for `backend` ("auto" or a name) on `device`; raises if unusable."""
+def runs(backend: str, op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether the available backend named `backend` implements `op` on `device` for `dtype` inputs."""
+    return backend in _REGISTRY and _REGISTRY[backend].supports(op, device, dtype)
+
+
+def resolve(backend: str, device: torch.device, ops: Union[str, Sequence[str]],
+            dtype: Optional[torch.dtype] = None) -> ModuleType:
+    """The backend module for `backend` ("auto" or a name) that runs `ops` on `device` with `dtype` inputs."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    ops = (ops,) if isinstance(ops, str) else tuple(ops)
+
+    def ok(impl):
+        return all(impl.supports(op, device, dtype) for op in ops)
+
     if backend == "auto":
         for name in available_backends():
-            if _REGISTRY[name].supports(device):
+            if ok(_REGISTRY[name]):
                 return _REGISTRY[name]
-        raise ValueError(f"backend: no available backend supports device {device}")
+        raise ValueError(f"backend: no available backend runs {', '.join(ops)} on {device} with {dtype}")
     if backend not in _REGISTRY:
-        raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, got {backend!r}")
+        known = "" if backend not in PREFERENCE else " (it is not built or not installed here)"
+        raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, got {backend!r}{known}")
     impl = _REGISTRY[backend]
-    if not impl.supports(device):
-        raise ValueError(f"backend: {backend!r} does not support device {device}")
+    if not ok(impl):
+        raise BackendUnsupported(f"backend: {backend!r} does not run {', '.join(ops)} on {device} with {dtype} inputs; "
+                         f"use backend='auto' or 'torch'")
     return impl

@@ -6,10 +6,17 @@ from .vocab import (linear_token_stats_backward, linear_token_stats_forward, tok
 NAME = "torch"
 
 
-def supports(device) -> bool:
+OPS = ("token_stats", "linear_token_stats", "reverse_discounted_scan", "branching_score")
+
+
+def available() -> bool:
     return True
 
 
-__all__ = ["NAME", "supports", "branching_score", "reverse_discounted_scan", "segment_zscore",
+def supports(op: str, device, dtype=None) -> bool:
+    return op in OPS
+
+
+__all__ = ["NAME", "OPS", "available", "supports", "branching_score", "reverse_discounted_scan", "segment_zscore",
            "token_stats_forward", "token_stats_backward", "linear_token_stats_forward",
            "linear_token_stats_backward"]

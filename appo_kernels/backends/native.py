@@ -1,0 +1,106 @@
+"""The native backend: C++17/OpenMP kernels on CPU (`appo_kernels._C`, built by setup.py from csrc/).
+
+Tensors are allocated here and passed to the kernels as addresses; the kernels never see torch. Token
+statistics take float32/bfloat16/float16 logits whose last dimension is contiguous (other layouts are copied
+once to be so); the sequence ops take float32/float64.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._types import RowStats
+
+try:
+    from .. import _C
+except ImportError:  # not built: the registry leaves this backend out
+    _C = None
+
+NAME = "native"
+_LOGIT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_SEQUENCE_DTYPES = (torch.float32, torch.float64)
+OPS = {
+    "token_stats": _LOGIT_CODES,
+    "reverse_discounted_scan": _SEQUENCE_DTYPES,
+    "branching_score": _SEQUENCE_DTYPES,
+}
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def supports(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> bool:
+    return device.type == "cpu" and op in OPS and (dtype is None or dtype in OPS[op])
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _rows_contiguous(logits: Tensor) -> Tensor:
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk: int, ignore_index: int,
+                        entropy_topk: bool) -> RowStats:
+    """logits [N, V] -> RowStats (float32), as the torch reference computes it."""
+    logits = _rows_contiguous(logits)
+    n, v = logits.shape
+    tokens = tokens.to(torch.int64).contiguous()
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    logp, entropy, lse = (torch.empty(n, **f32) for _ in range(3))
+    topk_ids = torch.empty(n, topk, dtype=torch.int64, device=logits.device)
+    topk_logp = torch.empty(n, topk, **f32)
+    topk_set = torch.empty(n, topk + 1, dtype=torch.int64, device=logits.device) if entropy_topk else \
+        torch.empty(0, **f32)
+    c = torch.empty(n, **f32) if entropy_topk else torch.empty(0, **f32)
+    if n:
+        _C.token_stats_fwd(logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v, logits.stride(0), tokens.data_ptr(),
+                           ignore_index, 1.0 / temperature, topk, entropy_topk, logp.data_ptr(), entropy.data_ptr(),
+                           lse.data_ptr(), topk_ids.data_ptr(), topk_logp.data_ptr(), topk_set.data_ptr(),
+                           c.data_ptr(), _threads())
+    return RowStats(logp, entropy, lse, topk_ids, topk_logp, topk_set, c)
+
+
+def token_stats_backward(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, topk_set: Tensor, c: Tensor,
+                         g_logp: Tensor, g_entropy: Tensor, temperature: float, ignore_index: int,
+                         entropy_topk: bool) -> Tensor:
+    """Gradient w.r.t. logits [N, V] (contiguous, logits' dtype)."""
+    logits = _rows_contiguous(logits)
+    n, v = logits.shape
+    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    if n:
+        tokens = tokens.to(torch.int64).contiguous()
+        g_logp = g_logp.to(torch.float32).contiguous()
+        g_entropy = g_entropy.to(torch.float32).contiguous()
+        k = topk_set.shape[1] - 1 if entropy_topk else 0
+        _C.token_stats_bwd(logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v, logits.stride(0), tokens.data_ptr(),
+                           ignore_index, 1.0 / temperature, k, entropy_topk, lse.data_ptr(), entropy.data_ptr(),
+                           topk_set.data_ptr(), c.data_ptr(), g_logp.data_ptr(), g_entropy.data_ptr(),
+                           grad.data_ptr(), _threads())
+    return grad
+
+
+def reverse_discounted_scan(x: Tensor, layout, gamma: float) -> Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    cu = layout.cu_seqlens.contiguous()
+    _C.reverse_scan(x.data_ptr(), cu.data_ptr(), layout.num_rollouts, float(gamma), out.data_ptr(),
+                    x.dtype == torch.float64, _threads())
+    return out
+
+
+def branching_score(entropy: Tensor, omega: Optional[Tensor], eligible: Tensor, layout):
+    entropy = entropy.contiguous()
+    omega = None if omega is None else omega.to(entropy.dtype).contiguous()
+    eligible = eligible.contiguous()
+    cu = layout.cu_seqlens.contiguous()
+    score = torch.empty_like(entropy)
+    candidate = torch.empty(entropy.shape, dtype=torch.bool, device=entropy.device)
+    _C.branching_score(entropy.data_ptr(), 0 if omega is None else omega.data_ptr(), eligible.data_ptr(),
+                       cu.data_ptr(), layout.num_rollouts, score.data_ptr(), candidate.data_ptr(),
+                       entropy.dtype == torch.float64, _threads())
+    return score, candidate

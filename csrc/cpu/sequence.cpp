@@ -1,0 +1,70 @@
+// Segmented sequence ops (SPEC 2, 3, 5, 6) on CPU: O(N), OpenMP over segments, double accumulation.
+#include <omp.h>
+
+#include <cmath>
+#include <limits>
+
+#include "appo_cpu.h"
+
+namespace appo {
+
+template <typename T>
+void reverse_scan(const T* x, const int64_t* cu, int64_t num_segments, double gamma, T* out, int threads) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+  for (int64_t b = 0; b < num_segments; ++b) {
+    double acc = 0;
+    for (int64_t t = cu[b + 1] - 1; t >= cu[b]; --t) {
+      acc = double(x[t]) + gamma * acc;
+      out[t] = T(acc);
+    }
+  }
+}
+
+namespace {
+
+template <typename T>
+void zscores(const T* x, const bool* eligible, int64_t lo, int64_t hi, double* mean, double* inv_std) {
+  double sum = 0;
+  int64_t count = 0;
+  for (int64_t t = lo; t < hi; ++t)
+    if (eligible[t]) { sum += double(x[t]); ++count; }
+  *mean = count ? sum / double(count) : 0;
+  double var = 0;
+  for (int64_t t = lo; t < hi; ++t)
+    if (eligible[t]) { const double d = double(x[t]) - *mean; var += d * d; }
+  *inv_std = 1.0 / (std::sqrt(count ? var / double(count) : 0) + 1e-6);
+}
+
+}  // namespace
+
+template <typename T>
+void branching_score(const T* entropy, const T* omega, const bool* eligible, const int64_t* cu,
+                     int64_t num_segments, T* score, bool* candidate, int threads) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+  for (int64_t b = 0; b < num_segments; ++b) {
+    const int64_t lo = cu[b], hi = cu[b + 1];
+    double mh, ih, mo = 0, io = 0;
+    zscores(entropy, eligible, lo, hi, &mh, &ih);
+    if (omega) zscores(omega, eligible, lo, hi, &mo, &io);
+    for (int64_t t = lo; t < hi; ++t) {
+      if (!eligible[t]) {
+        score[t] = -std::numeric_limits<T>::infinity();
+        candidate[t] = false;
+        continue;
+      }
+      const double zh = (double(entropy[t]) - mh) * ih;
+      const double zo = omega ? (double(omega[t]) - mo) * io : 1.0;
+      score[t] = T(omega ? zh * zo : zh);
+      candidate[t] = zh > 0 && zo > 0;
+    }
+  }
+}
+
+template void reverse_scan<float>(const float*, const int64_t*, int64_t, double, float*, int);
+template void reverse_scan<double>(const double*, const int64_t*, int64_t, double, double*, int);
+template void branching_score<float>(const float*, const float*, const bool*, const int64_t*, int64_t, float*, bool*,
+                                     int);
+template void branching_score<double>(const double*, const double*, const bool*, const int64_t*, int64_t, double*,
+                                      bool*, int);
+
+}  // namespace appo

@@ -1,0 +1,265 @@
+// Token statistics over the vocabulary (SPEC 1) on CPU: one read of the logits per row in the forward,
+// one read + one write in the backward; OpenMP over rows, and over vocabulary splits when rows are few.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "appo_cpu.h"
+#include "numerics.h"
+
+namespace appo {
+namespace {
+
+constexpr int64_t kBlock = 2048;       // vocabulary elements converted and reduced at a time (8 KiB, in L1)
+constexpr int64_t kMinSplit = 8192;    // smallest vocabulary range worth a thread of its own
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Statistics of one vocabulary range of one row; ranges of a row merge exactly.
+struct Partial {
+  float m = kNegInf;   // max of s
+  double sum = 0;      // sum exp(s - m)
+  double shifted = 0;  // sum exp(s - m) * (s - m)
+  std::vector<float> top_val;    // running top-k, descending, ties ordered by id
+  std::vector<int64_t> top_id;
+
+  void rescale_to(float m_new) {
+    if (sum == 0 || m_new == m) { m = m_new; return; }  // nothing accumulated yet (or same max)
+    const double d = double(m) - double(m_new);
+    const double scale = std::exp(d);
+    shifted = scale * (shifted + d * sum);
+    sum *= scale;
+    m = m_new;
+  }
+
+  // Insert candidate (v, id) with id larger than every id seen so far: it goes after equal values.
+  void offer(float v, int64_t id, int k) {
+    const int size = int(top_val.size());
+    if (size == k && !(v > top_val[k - 1])) return;
+    int pos = size;
+    while (pos > 0 && v > top_val[pos - 1]) --pos;
+    if (size < k) { top_val.push_back(0); top_id.push_back(0); }
+    for (int j = int(top_val.size()) - 1; j > pos; --j) { top_val[j] = top_val[j - 1]; top_id[j] = top_id[j - 1]; }
+    top_val[pos] = v;
+    top_id[pos] = id;
+  }
+};
+
+// Merge `b` (a range of larger ids) into `a`.
+void merge(Partial& a, const Partial& b, int k) {
+  if (b.sum != 0 || std::isnan(b.m)) {
+    const float m = std::max(a.m, b.m);
+    Partial bb = b;
+    a.rescale_to(std::isnan(b.m) ? b.m : m);
+    bb.rescale_to(std::isnan(b.m) ? b.m : m);
+    a.sum += bb.sum;
+    a.shifted += bb.shifted;
+  }
+  if (k == 0) return;
+  std::vector<float> val;
+  std::vector<int64_t> id;
+  size_t i = 0, j = 0;
+  while (int(val.size()) < k && (i < a.top_val.size() || j < b.top_val.size())) {
+    const bool take_a = j >= b.top_val.size() || (i < a.top_val.size() && !(b.top_val[j] > a.top_val[i]));
+    if (take_a) { val.push_back(a.top_val[i]); id.push_back(a.top_id[i]); ++i; }
+    else { val.push_back(b.top_val[j]); id.push_back(b.top_id[j]); ++j; }
+  }
+  a.top_val.swap(val);
+  a.top_id.swap(id);
+}
+
+template <int D>
+Partial row_range(const typename Elem<D>::T* row, int64_t v0, int64_t v1, float inv_t, int k) {
+  Partial acc;
+  acc.top_val.reserve(k);
+  acc.top_id.reserve(k);
+  float buf[kBlock];
+  for (int64_t b0 = v0; b0 < v1; b0 += kBlock) {
+    const int64_t len = std::min(kBlock, v1 - b0);
+    float bmax = kNegInf;
+#pragma omp simd reduction(max : bmax)
+    for (int64_t i = 0; i < len; ++i) {
+      const float s = Elem<D>::load(row + b0 + i) * inv_t;
+      buf[i] = s;
+      bmax = s > bmax ? s : bmax;  // skips NaN: a NaN still poisons the sums below, and so the row
+    }
+    if (k && (int(acc.top_val.size()) < k || bmax > acc.top_val[k - 1])) {
+      for (int64_t i = 0; i < len; ++i) acc.offer(buf[i], b0 + i, k);  // off the hot path: rare after warm-up
+    }
+    if (bmax == kNegInf) {  // an all -inf block adds nothing, unless it hides a NaN (rare path)
+      for (int64_t i = 0; i < len; ++i)
+        if (buf[i] != buf[i]) acc.sum = acc.shifted = std::numeric_limits<double>::quiet_NaN();
+      continue;
+    }
+    if (bmax > acc.m) acc.rescale_to(bmax);
+    const float m = acc.m;
+    float sum = 0.f, shifted = 0.f;
+#pragma omp simd reduction(+ : sum, shifted)
+    for (int64_t i = 0; i < len; ++i) {
+      const float d = buf[i] - m;
+      const float e = vexp(d);
+      sum += e;
+      shifted += e * finite_floor(d);
+    }
+    acc.sum += sum;
+    acc.shifted += shifted;
+  }
+  return acc;
+}
+
+template <int D>
+void fwd_impl(const void* logits, int64_t n, int64_t vocab, int64_t stride_row, const int64_t* tokens,
+              int64_t ignore_index, float inv_t, int k, bool entropy_topk, float* logp, float* entropy, float* lse,
+              int64_t* topk_ids, float* topk_logp, int64_t* topk_set, float* c, int threads) {
+  using T = typename Elem<D>::T;
+  const T* base = static_cast<const T*>(logits);
+  // Few rows: split each row's vocabulary so every thread has work; partials merge exactly.
+  int64_t splits = 1;
+  if (n < 2 * threads) splits = std::max<int64_t>(1, std::min<int64_t>((2 * threads + n - 1) / std::max<int64_t>(n, 1),
+                                                                         vocab / kMinSplit));
+  const int64_t span = (vocab + splits - 1) / splits;
+  std::vector<Partial> parts(size_t(n * splits));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t w = 0; w < n * splits; ++w) {
+    const int64_t i = w / splits, s = w % splits;
+    if (tokens[i] == ignore_index) continue;
+    const int64_t v0 = s * span, v1 = std::min(vocab, v0 + span);
+    if (v0 < v1) parts[size_t(w)] = row_range<D>(base + i * stride_row, v0, v1, inv_t, k);
+  }
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t tok = tokens[i];
+    if (tok == ignore_index) {
+      logp[i] = entropy[i] = lse[i] = 0.f;
+      for (int j = 0; j < k; ++j) { topk_ids[i * k + j] = 0; topk_logp[i * k + j] = 0.f; }
+      if (entropy_topk) { for (int j = 0; j <= k; ++j) topk_set[i * (k + 1) + j] = -1; c[i] = 0.f; }
+      continue;
+    }
+    Partial acc = std::move(parts[size_t(i * splits)]);
+    for (int64_t s = 1; s < splits; ++s) merge(acc, parts[size_t(i * splits + s)], k);
+    const double log_sum = std::log(acc.sum);
+    const double row_lse = double(acc.m) + log_sum;
+    const double target = double(Elem<D>::load(base + i * stride_row + tok) * inv_t);
+    lse[i] = float(row_lse);
+    logp[i] = float(target - row_lse);
+    double ent = log_sum - acc.shifted / acc.sum;
+    for (int j = 0; j < k; ++j) {
+      topk_ids[i * k + j] = acc.top_id[size_t(j)];
+      topk_logp[i * k + j] = float(double(acc.top_val[size_t(j)]) - row_lse);
+    }
+    if (entropy_topk) {  // -sum p log p and c = sum (1 + log p) p over topk ∪ {token}
+      double h = 0, cc = 0;
+      bool token_in_top = false;
+      for (int j = 0; j <= k; ++j) {
+        const bool is_token_slot = j == k;
+        int64_t id = is_token_slot ? tok : acc.top_id[size_t(j)];
+        if (!is_token_slot) token_in_top = token_in_top || id == tok;
+        if (is_token_slot && token_in_top) id = -1;
+        topk_set[i * (k + 1) + j] = id;
+        if (id < 0) continue;
+        const double lp = is_token_slot ? target - row_lse : double(acc.top_val[size_t(j)]) - row_lse;
+        const double p = std::exp(lp);
+        const double lpf = std::max(lp, -double(FLT_MAX));
+        h -= p * lpf;
+        cc += p * (1 + lpf);
+      }
+      ent = h;
+      c[i] = float(cc);
+    }
+    entropy[i] = float(ent);
+  }
+}
+
+template <int D>
+void bwd_impl(const void* logits, int64_t n, int64_t vocab, int64_t stride_row, const int64_t* tokens,
+              int64_t ignore_index, float inv_t, int k, bool entropy_topk, const float* lse, const float* entropy,
+              const int64_t* topk_set, const float* c, const float* g_logp, const float* g_entropy, void* grad_out,
+              int threads) {
+  using T = typename Elem<D>::T;
+  const T* base = static_cast<const T*>(logits);
+  T* grad = static_cast<T*>(grad_out);
+  const int64_t chunks = (vocab + kMinSplit - 1) / kMinSplit;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t w = 0; w < n * chunks; ++w) {
+    const int64_t i = w / chunks, v0 = (w % chunks) * kMinSplit, v1 = std::min(vocab, v0 + kMinSplit);
+    const T* __restrict row = base + i * stride_row;
+    T* __restrict out = grad + i * vocab;
+    const int64_t tok = tokens[i];
+    if (tok == ignore_index) {
+#pragma omp simd
+      for (int64_t v = v0; v < v1; ++v) Elem<D>::store(out + v, 0.f);
+      continue;
+    }
+    const float l = lse[i], h = entropy[i], gl = g_logp[i], gh = g_entropy[i];
+    const float cc = entropy_topk ? c[i] : 0.f;
+    // d/ds of the bulk of the row; special ids (token, top-k set) are rewritten below in fp32.
+    auto bulk = [=](float lp, float p) {  // by value: captured addresses would block vectorisation
+      return entropy_topk ? p * (gh * cc - gl) : -p * (gl + gh * (finite_floor(lp) + h));
+    };
+    if (entropy_topk) {  // two loops, so that neither has a branch inside
+      const float a = (gh * cc - gl) * inv_t;
+#pragma omp simd
+      for (int64_t v = v0; v < v1; ++v) Elem<D>::store(out + v, vexp(Elem<D>::load(row + v) * inv_t - l) * a);
+    } else {
+      const float a = -gl * inv_t, b = -gh * inv_t;
+#pragma omp simd
+      for (int64_t v = v0; v < v1; ++v) {
+        const float lp = Elem<D>::load(row + v) * inv_t - l;
+        const float p = vexp(lp);
+        Elem<D>::store(out + v, p * a + p * b * (finite_floor(lp) + h));
+      }
+    }
+    auto fix = [=](int64_t id) {  // full value of a special element, computed before any rounding
+      if (id < v0 || id >= v1) return;
+      const float lp = Elem<D>::load(row + id) * inv_t - l;
+      const float p = vexp(lp);
+      float g = bulk(lp, p);
+      if (id == tok) g += gl;
+      if (entropy_topk) {
+        for (int j = 0; j <= k; ++j)
+          if (topk_set[i * (k + 1) + j] == id) g -= gh * (1 + finite_floor(lp)) * p;
+      }
+      Elem<D>::store(out + id, g * inv_t);
+    };
+    fix(tok);
+    if (entropy_topk)
+      for (int j = 0; j <= k; ++j) {
+        const int64_t id = topk_set[i * (k + 1) + j];
+        if (id >= 0 && id != tok) fix(id);
+      }
+  }
+}
+
+}  // namespace
+
+void token_stats_fwd(const void* logits, int dtype, int64_t n, int64_t vocab, int64_t stride_row,
+                     const int64_t* tokens, int64_t ignore_index, float inv_temperature, int topk, bool entropy_topk,
+                     float* logp, float* entropy, float* lse, int64_t* topk_ids, float* topk_logp,
+                     int64_t* topk_set, float* c, int num_threads) {
+  switch (dtype) {
+    case kF32: return fwd_impl<kF32>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
+                                     entropy_topk, logp, entropy, lse, topk_ids, topk_logp, topk_set, c, num_threads);
+    case kBF16: return fwd_impl<kBF16>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
+                                       entropy_topk, logp, entropy, lse, topk_ids, topk_logp, topk_set, c, num_threads);
+    default: return fwd_impl<kF16>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
+                                   entropy_topk, logp, entropy, lse, topk_ids, topk_logp, topk_set, c, num_threads);
+  }
+}
+
+void token_stats_bwd(const void* logits, int dtype, int64_t n, int64_t vocab, int64_t stride_row,
+                     const int64_t* tokens, int64_t ignore_index, float inv_temperature, int topk, bool entropy_topk,
+                     const float* lse, const float* entropy, const int64_t* topk_set, const float* c,
+                     const float* g_logp, const float* g_entropy, void* grad, int num_threads) {
+  switch (dtype) {
+    case kF32: return bwd_impl<kF32>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
+                                     entropy_topk, lse, entropy, topk_set, c, g_logp, g_entropy, grad, num_threads);
+    case kBF16: return bwd_impl<kBF16>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
+                                       entropy_topk, lse, entropy, topk_set, c, g_logp, g_entropy, grad, num_threads);
+    default: return bwd_impl<kF16>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
+                                   entropy_topk, lse, entropy, topk_set, c, g_logp, g_entropy, grad, num_threads);
+  }
+}
+
+}  // namespace appo
