@@ -106,7 +106,7 @@ def token_stats(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, top
     vocab = logits.shape[-1]
     temperature, topk, ignore_index = check_token_options(vocab, temperature, topk, ignore_index, entropy)
     check_token_ids(tokens, vocab, ignore_index)
-    impl = backends.resolve(backend, logits.device, "token_stats", logits.dtype)
+    impl = backends.resolve(backend, logits.device, "token_stats", logits.dtype, topk=topk)
     lead = tokens.shape
     flat_logits = logits.reshape(-1, vocab)
     out = _TokenStatsFn.apply(flat_logits, tokens.reshape(-1), temperature, topk, ignore_index,

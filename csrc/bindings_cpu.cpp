@@ -42,7 +42,8 @@ PYBIND11_MODULE(_C, m) {
         });
 
   m.def("reverse_scan",
-        [](uintptr_t x, uintptr_t cu, int64_t num_segments, double gamma, uintptr_t out, bool f64, int threads) {
+        [](uintptr_t x, uintptr_t cu, int64_t num_segments, int64_t /*n*/, double gamma, uintptr_t out, bool f64,
+           int threads) {
           py::gil_scoped_release release;
           if (f64) appo::reverse_scan(ptr<const double>(x), ptr<const int64_t>(cu), num_segments, gamma,
                                       ptr<double>(out), threads);
@@ -52,7 +53,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("branching_score",
         [](uintptr_t entropy, uintptr_t omega, uintptr_t eligible, uintptr_t cu, int64_t num_segments,
-           uintptr_t score, uintptr_t candidate, bool f64, int threads) {
+           int64_t /*n*/, uintptr_t score, uintptr_t candidate, bool f64, int threads) {
           py::gil_scoped_release release;
           if (f64) appo::branching_score(ptr<const double>(entropy), ptr<const double>(omega),
                                          ptr<const bool>(eligible), ptr<const int64_t>(cu), num_segments,

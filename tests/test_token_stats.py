@@ -484,3 +484,16 @@ def test_topk_entropy_support_hand_worked(backend):
     assert res.topk_ids.tolist() == [[0, 1], [0, 1]]
     exact = ak.token_stats(logits, torch.tensor([0, 3]), topk=2, backend=backend)
     assert exact.entropy.tolist() == pytest.approx([h(range(4))] * 2, abs=1e-12)
+
+
+@pytest.mark.parametrize("entropy", ["exact", "topk"])
+def test_masked_vocab_gradient_is_exactly_zero_with_large_upstream(backend, gen, entropy):
+    # p = 0 at a -inf logit must give gradient 0 there, even when g_entropy * (log p + H) would overflow.
+    logits = make_logits(gen, 4, 50, torch.float32)
+    logits[:, ::3] = float("-inf")
+    tokens = torch.tensor([1, 2, 4, 5])
+    x = logits.clone().requires_grad_()
+    st = ak.token_stats(x, tokens, topk=3, entropy=entropy, backend=backend)
+    (st.logp.sum() * 3.0 + st.entropy.sum() * 7.5).backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.equal(x.grad[:, ::3], torch.zeros_like(x.grad[:, ::3]))

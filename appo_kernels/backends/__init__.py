@@ -8,8 +8,8 @@ validates, normalises layouts and composes them:
     reverse_discounted_scan(x, layout, gamma)                      flat [N], layout: _layout.SeqLayout
     branching_score(entropy, omega, eligible, layout)              flat [N]
 
-and `supports(op, device, dtype) -> bool`, `available() -> bool`. "auto" picks, for the op and the input's
-device and dtype, the first backend in PREFERENCE that supports it. An explicitly named backend that cannot
+and `supports(op, device, dtype, **features) -> bool`, `available() -> bool`. "auto" picks, for the op and
+the input's device and dtype, the first backend in PREFERENCE that supports it. An explicitly named backend that cannot
 run the op raises: nothing falls back silently.
 """
 from __future__ import annotations
@@ -40,14 +40,15 @@ def runs(backend: str, op: str, device: torch.device, dtype: Optional[torch.dtyp
 
 
 def resolve(backend: str, device: torch.device, ops: Union[str, Sequence[str]],
-            dtype: Optional[torch.dtype] = None) -> ModuleType:
-    """The backend module for `backend` ("auto" or a name) that runs `ops` on `device` with `dtype` inputs."""
+            dtype: Optional[torch.dtype] = None, **features) -> ModuleType:
+    """The backend module for `backend` ("auto" or a name) that runs `ops` on `device` with `dtype` inputs
+    and the given features (e.g. topk=100), which a backend may not support."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     ops = (ops,) if isinstance(ops, str) else tuple(ops)
 
     def ok(impl):
-        return all(impl.supports(op, device, dtype) for op in ops)
+        return all(impl.supports(op, device, dtype, **features) for op in ops)
 
     if backend == "auto":
         for name in available_backends():

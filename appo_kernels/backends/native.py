@@ -1,8 +1,9 @@
-"""The native backend: C++17/OpenMP kernels on CPU (`appo_kernels._C`, built by setup.py from csrc/).
+"""The native backend: C++17/OpenMP kernels on CPU (`appo_kernels._C`) and raw CUDA kernels on GPUs
+(`appo_kernels._C_cuda`), both built by setup.py from csrc/.
 
 Tensors are allocated here and passed to the kernels as addresses; the kernels never see torch. Token
 statistics take float32/bfloat16/float16 logits whose last dimension is contiguous (other layouts are copied
-once to be so); the sequence ops take float32/float64.
+once to be so); the sequence ops take float32 (and float64 on CPU).
 """
 from __future__ import annotations
 
@@ -17,27 +18,44 @@ try:
     from .. import _C
 except ImportError:  # not built: the registry leaves this backend out
     _C = None
+try:
+    from .. import _C_cuda
+except ImportError:  # built only where nvcc and a GPU driver are present
+    _C_cuda = None
 
 NAME = "native"
 _LOGIT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SEQUENCE_DTYPES = (torch.float32, torch.float64)
-OPS = {
-    "token_stats": _LOGIT_CODES,
-    "reverse_discounted_scan": _SEQUENCE_DTYPES,
-    "branching_score": _SEQUENCE_DTYPES,
+OPS = {  # op -> input dtypes, per device type
+    "cpu": {"token_stats": _LOGIT_CODES, "reverse_discounted_scan": _SEQUENCE_DTYPES,
+            "branching_score": _SEQUENCE_DTYPES},
+    "cuda": {"token_stats": _LOGIT_CODES, "reverse_discounted_scan": (torch.float32,),
+             "branching_score": (torch.float32,)},
 }
 
 
 def available() -> bool:
-    return _C is not None
+    return _C is not None or _C_cuda is not None
 
 
-def supports(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> bool:
-    return device.type == "cpu" and op in OPS and (dtype is None or dtype in OPS[op])
+CUDA_MAX_TOPK = 64  # the CUDA kernels keep the running top-k in registers
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
+def supports(op: str, device: torch.device, dtype: Optional[torch.dtype], topk: int = 0) -> bool:
+    built = {"cpu": _C, "cuda": _C_cuda}.get(device.type) is not None
+    ops = OPS.get(device.type, {})
+    fits = device.type != "cuda" or topk <= CUDA_MAX_TOPK
+    return built and fits and op in ops and (dtype is None or dtype in ops[op])
+
+
+def _launch(device: torch.device, name: str, *args) -> None:
+    """Call kernel `name` of the extension for `device`; the last argument is the number of OpenMP threads on
+    CPU and the current stream on CUDA (where the launchers also need the current device set)."""
+    if device.type == "cpu":
+        getattr(_C, name)(*args, torch.get_num_threads())
+        return
+    with torch.cuda.device(device):
+        getattr(_C_cuda, name)(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
 def _rows_contiguous(logits: Tensor) -> Tensor:
@@ -58,10 +76,10 @@ def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk
         torch.empty(0, **f32)
     c = torch.empty(n, **f32) if entropy_topk else torch.empty(0, **f32)
     if n:
-        _C.token_stats_fwd(logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v, logits.stride(0), tokens.data_ptr(),
+        _launch(logits.device, "token_stats_fwd", logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v, logits.stride(0), tokens.data_ptr(),
                            ignore_index, 1.0 / temperature, topk, entropy_topk, logp.data_ptr(), entropy.data_ptr(),
                            lse.data_ptr(), topk_ids.data_ptr(), topk_logp.data_ptr(), topk_set.data_ptr(),
-                           c.data_ptr(), _threads())
+                           c.data_ptr())
     return RowStats(logp, entropy, lse, topk_ids, topk_logp, topk_set, c)
 
 
@@ -77,10 +95,10 @@ def token_stats_backward(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: T
         g_logp = g_logp.to(torch.float32).contiguous()
         g_entropy = g_entropy.to(torch.float32).contiguous()
         k = topk_set.shape[1] - 1 if entropy_topk else 0
-        _C.token_stats_bwd(logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v, logits.stride(0), tokens.data_ptr(),
+        _launch(logits.device, "token_stats_bwd", logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v, logits.stride(0), tokens.data_ptr(),
                            ignore_index, 1.0 / temperature, k, entropy_topk, lse.data_ptr(), entropy.data_ptr(),
                            topk_set.data_ptr(), c.data_ptr(), g_logp.data_ptr(), g_entropy.data_ptr(),
-                           grad.data_ptr(), _threads())
+                           grad.data_ptr())
     return grad
 
 
@@ -88,8 +106,8 @@ def reverse_discounted_scan(x: Tensor, layout, gamma: float) -> Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     cu = layout.cu_seqlens.contiguous()
-    _C.reverse_scan(x.data_ptr(), cu.data_ptr(), layout.num_rollouts, float(gamma), out.data_ptr(),
-                    x.dtype == torch.float64, _threads())
+    _launch(x.device, "reverse_scan", x.data_ptr(), cu.data_ptr(), layout.num_rollouts, x.numel(), float(gamma),
+            out.data_ptr(), x.dtype == torch.float64)
     return out
 
 
@@ -100,7 +118,7 @@ def branching_score(entropy: Tensor, omega: Optional[Tensor], eligible: Tensor, 
     cu = layout.cu_seqlens.contiguous()
     score = torch.empty_like(entropy)
     candidate = torch.empty(entropy.shape, dtype=torch.bool, device=entropy.device)
-    _C.branching_score(entropy.data_ptr(), 0 if omega is None else omega.data_ptr(), eligible.data_ptr(),
-                       cu.data_ptr(), layout.num_rollouts, score.data_ptr(), candidate.data_ptr(),
-                       entropy.dtype == torch.float64, _threads())
+    _launch(entropy.device, "branching_score", entropy.data_ptr(), 0 if omega is None else omega.data_ptr(),
+            eligible.data_ptr(), cu.data_ptr(), layout.num_rollouts, entropy.numel(), score.data_ptr(),
+            candidate.data_ptr(), entropy.dtype == torch.float64)
     return score, candidate

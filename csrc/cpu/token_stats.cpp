@@ -196,7 +196,8 @@ void bwd_impl(const void* logits, int64_t n, int64_t vocab, int64_t stride_row, 
     const float cc = entropy_topk ? c[i] : 0.f;
     // d/ds of the bulk of the row; special ids (token, top-k set) are rewritten below in fp32.
     auto bulk = [=](float lp, float p) {  // by value: captured addresses would block vectorisation
-      return entropy_topk ? p * (gh * cc - gl) : -p * (gl + gh * (finite_floor(lp) + h));
+      // p multiplies first, so a -inf logit (p = 0) gives 0 even when gh * (lp + h) would overflow.
+      return entropy_topk ? p * (gh * cc - gl) : -(p * gl + p * (finite_floor(lp) + h) * gh);
     };
     if (entropy_topk) {  // two loops, so that neither has a branch inside
       const float a = (gh * cc - gl) * inv_t;
@@ -208,7 +209,7 @@ void bwd_impl(const void* logits, int64_t n, int64_t vocab, int64_t stride_row, 
       for (int64_t v = v0; v < v1; ++v) {
         const float lp = Elem<D>::load(row + v) * inv_t - l;
         const float p = vexp(lp);
-        Elem<D>::store(out + v, p * a + p * b * (finite_floor(lp) + h));
+        Elem<D>::store(out + v, p * a + p * (finite_floor(lp) + h) * b);
       }
     }
     auto fix = [=](int64_t id) {  // full value of a special element, computed before any rounding

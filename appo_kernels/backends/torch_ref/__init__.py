@@ -13,7 +13,7 @@ def available() -> bool:
     return True
 
 
-def supports(op: str, device, dtype=None) -> bool:
+def supports(op: str, device, dtype=None, **features) -> bool:
     return op in OPS
 
 

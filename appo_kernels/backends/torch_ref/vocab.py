@@ -150,7 +150,7 @@ def grad_tile_(s: Tensor, grad: Tensor, v0: int, tokens: Tensor, valid: Tensor, 
     """Write d loss / d logits of one tile of scaled logits `s` [n, v] into `grad` (SPEC 1 gradients).
 
     With lp = s - lse and p = exp(lp):
-      exact entropy:  grad = -p * (g_logp + g_H * (lp + H)) + g_logp * 1[v = token]
+      exact entropy:  grad = -(p * g_logp + p * (lp + H) * g_H) + g_logp * 1[v = token]
       top-k entropy:  grad = p * (g_H * c - g_logp) - g_H * 1[v in set] (1 + lp) p + g_logp * 1[v = token]
     all divided by the temperature. `s` is overwritten.
     """
@@ -165,9 +165,11 @@ def grad_tile_(s: Tensor, grad: Tensor, v0: int, tokens: Tensor, valid: Tensor, 
         torch.exp(s, out=grad).mul_((g_entropy * c - g_logp)[:, None])
         grad.scatter_add_(1, local, torch.where(inside, -corr, torch.zeros_like(corr)))
     else:
+        # -(p * g_logp + (p * (log p + H)) * g_H): p multiplies first, so a -inf logit (p = 0) gives 0 even
+        # when g_H * (log p + H) would overflow.
         torch.exp(s, out=grad)
-        coef = _finite_floor_(s).add_(entropy[:, None]).mul_(g_entropy[:, None]).add_(g_logp[:, None])
-        grad.mul_(coef).neg_()
+        s = _finite_floor_(s).add_(entropy[:, None]).mul_(grad).mul_(g_entropy[:, None])
+        grad.mul_(g_logp[:, None]).add_(s).neg_()
     local = tokens - v0
     inside = (local >= 0) & (local < v)
     add = torch.where(inside, g_logp, torch.zeros_like(g_logp))
