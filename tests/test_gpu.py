@@ -1,0 +1,75 @@
+"""The CUDA kernels of the native backend against the torch reference, on a GPU (skipped without one).
+
+Run on a GPU machine after building the CUDA module (`APPO_KERNELS_BUILD_CUDA=1 pip install -e .`), e.g. by
+`bash bench/gpu_check.sh`. Sizes include a real vocabulary; the torch backend runs on the same GPU.
+"""
+import pytest
+import torch
+
+import appo_kernels as ak
+from appo_kernels import backends
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_native():
+    if not backends.runs("native", "token_stats", CUDA, torch.float32):
+        pytest.fail("a CUDA device is present but appo_kernels._C_cuda is not built "
+                    "(APPO_KERNELS_BUILD_CUDA=1 pip install -e .)")
+
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=1e-4, rtol=1e-4),
+       torch.float16: dict(atol=1e-4, rtol=1e-4)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n, vocab", [(1, 151936), (7, 32000), (263, 1001), (4096, 32000)])
+@pytest.mark.parametrize("topk, entropy", [(0, "exact"), (10, "exact"), (10, "topk"), (64, "topk")])
+def test_token_stats_cuda_matches_torch(dtype, n, vocab, topk, entropy):
+    g = torch.Generator(device=CUDA).manual_seed(n * 7 + vocab)
+    logits = (torch.randn(n, vocab, device=CUDA, generator=g) * 3).to(dtype)
+    logits[:, ::97] = float("-inf")
+    tokens = torch.randint(0, vocab, (n,), device=CUDA, generator=g)
+    tokens[tokens % 97 == 0] += 1
+    tokens[::5] = -100
+    x_ref = logits.clone().requires_grad_()
+    x_cuda = logits.clone().requires_grad_()
+    ref = ak.token_stats(x_ref, tokens, topk=topk, entropy=entropy, temperature=0.8, backend="torch")
+    out = ak.token_stats(x_cuda, tokens, topk=topk, entropy=entropy, temperature=0.8, backend="native")
+    for name in ("logp", "entropy", "lse", "topk_logp"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), **TOL[dtype], msg=name)
+    # ids may differ only where low-precision logits tie: compare the log-probs the ids select instead
+    kept = tokens != -100
+    selected = (logits.float() / 0.8).log_softmax(-1).gather(1, out.topk_ids)
+    torch.testing.assert_close(selected[kept], ref.topk_logp[kept], **TOL[dtype])
+    (ref.logp.sum() + 0.5 * ref.entropy.sum()).backward()
+    (out.logp.sum() + 0.5 * out.entropy.sum()).backward()
+    torch.testing.assert_close(x_cuda.grad.float(), x_ref.grad.float(), atol=2e-2 if dtype != torch.float32 else 1e-5,
+                               rtol=2e-2 if dtype != torch.float32 else 1e-4)
+
+
+@pytest.mark.parametrize("lengths", [[8192] * 16, [1, 0, 5000, 300, 8192, 17]])
+def test_sequence_ops_cuda_match_torch(lengths):
+    g = torch.Generator(device=CUDA).manual_seed(len(lengths))
+    n = sum(lengths)
+    cu = torch.tensor([0] + lengths, device=CUDA).cumsum(0)
+    logp = torch.randn(n, device=CUDA, generator=g) * 0.3 - 1
+    logp_old = logp + torch.randn(n, device=CUDA, generator=g) * 0.05
+    entropy = torch.rand(n, device=CUDA, generator=g) * 4
+    mask = torch.rand(n, device=CUDA, generator=g) > 0.2
+    for gamma in (1.0, 0.995):
+        a = ak.future_values(logp, logp_old, mask, cu_seqlens=cu, gamma=gamma, backend="native")
+        b = ak.future_values(logp, logp_old, mask, cu_seqlens=cu, gamma=gamma, backend="torch")
+        torch.testing.assert_close(a.gain, b.gain, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.omega, b.omega, atol=1e-5, rtol=1e-5)
+    a = ak.score_tokens(entropy, logp, logp_old, mask, cu_seqlens=cu, backend="native")
+    b = ak.score_tokens(entropy, logp, logp_old, mask, cu_seqlens=cu, backend="torch")
+    torch.testing.assert_close(a.score, b.score, atol=1e-4, rtol=1e-4)
+    clear = b.score.abs() > 1e-3  # candidates may differ only where a z-score is ~0
+    assert torch.equal(a.candidate[clear], b.candidate[clear])
