@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "appo_cpu.h"
@@ -235,32 +236,33 @@ void bwd_impl(const void* logits, int64_t n, int64_t vocab, int64_t stride_row, 
 
 }  // namespace
 
+template <typename Fn>
+void by_dtype(int dtype, Fn&& fn) {  // calls fn(std::integral_constant<int, D>) for the logits' dtype code
+  switch (dtype) {
+    case kF32: return fn(std::integral_constant<int, kF32>{});
+    case kBF16: return fn(std::integral_constant<int, kBF16>{});
+    default: return fn(std::integral_constant<int, kF16>{});
+  }
+}
+
 void token_stats_fwd(const void* logits, int dtype, int64_t n, int64_t vocab, int64_t stride_row,
                      const int64_t* tokens, int64_t ignore_index, float inv_temperature, int topk, bool entropy_topk,
                      float* logp, float* entropy, float* lse, int64_t* topk_ids, float* topk_logp,
                      int64_t* topk_set, float* c, int num_threads) {
-  switch (dtype) {
-    case kF32: return fwd_impl<kF32>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
-                                     entropy_topk, logp, entropy, lse, topk_ids, topk_logp, topk_set, c, num_threads);
-    case kBF16: return fwd_impl<kBF16>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
-                                       entropy_topk, logp, entropy, lse, topk_ids, topk_logp, topk_set, c, num_threads);
-    default: return fwd_impl<kF16>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
-                                   entropy_topk, logp, entropy, lse, topk_ids, topk_logp, topk_set, c, num_threads);
-  }
+  by_dtype(dtype, [&](auto d) {
+    fwd_impl<decltype(d)::value>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
+                                 entropy_topk, logp, entropy, lse, topk_ids, topk_logp, topk_set, c, num_threads);
+  });
 }
 
 void token_stats_bwd(const void* logits, int dtype, int64_t n, int64_t vocab, int64_t stride_row,
                      const int64_t* tokens, int64_t ignore_index, float inv_temperature, int topk, bool entropy_topk,
                      const float* lse, const float* entropy, const int64_t* topk_set, const float* c,
                      const float* g_logp, const float* g_entropy, void* grad, int num_threads) {
-  switch (dtype) {
-    case kF32: return bwd_impl<kF32>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
-                                     entropy_topk, lse, entropy, topk_set, c, g_logp, g_entropy, grad, num_threads);
-    case kBF16: return bwd_impl<kBF16>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
-                                       entropy_topk, lse, entropy, topk_set, c, g_logp, g_entropy, grad, num_threads);
-    default: return bwd_impl<kF16>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
-                                   entropy_topk, lse, entropy, topk_set, c, g_logp, g_entropy, grad, num_threads);
-  }
+  by_dtype(dtype, [&](auto d) {
+    bwd_impl<decltype(d)::value>(logits, n, vocab, stride_row, tokens, ignore_index, inv_temperature, topk,
+                                 entropy_topk, lse, entropy, topk_set, c, g_logp, g_entropy, grad, num_threads);
+  });
 }
 
 }  // namespace appo

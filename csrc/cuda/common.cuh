@@ -50,7 +50,18 @@ template <> struct Elem<0> {
     return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
   }
 };
-template <> struct Elem<1> {
+// 16-byte vectors of a 2-byte type (8 elements), from the type's 2-element word() / pack2().
+template <typename E>
+struct TwoByteVectors {
+  __device__ __forceinline__ static void unpack(const uint4& q, float* v) {
+    E::word(q.x, v); E::word(q.y, v + 2); E::word(q.z, v + 4); E::word(q.w, v + 6);
+  }
+  __device__ __forceinline__ static uint4 pack(const float* v) {
+    return make_uint4(E::pack2(v[0], v[1]), E::pack2(v[2], v[3]), E::pack2(v[4], v[5]), E::pack2(v[6], v[7]));
+  }
+};
+
+template <> struct Elem<1> : TwoByteVectors<Elem<1>> {
   static constexpr int kSize = 2;
   __device__ __forceinline__ static float load(const void* base, int64_t i) {
     const unsigned short h = __ldg(static_cast<const unsigned short*>(base) + i);
@@ -69,15 +80,8 @@ template <> struct Elem<1> {
     memcpy(&w, &h, 4);
     return w;
   }
-  // 16 bytes = 8 elements.
-  __device__ __forceinline__ static void unpack(const uint4& q, float* v) {
-    word(q.x, v); word(q.y, v + 2); word(q.z, v + 4); word(q.w, v + 6);
-  }
-  __device__ __forceinline__ static uint4 pack(const float* v) {
-    return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
-  }
 };
-template <> struct Elem<2> {
+template <> struct Elem<2> : TwoByteVectors<Elem<2>> {
   static constexpr int kSize = 2;
   __device__ __forceinline__ static float load(const void* base, int64_t i) {
     return __half2float(__ldg(static_cast<const __half*>(base) + i));
@@ -97,12 +101,6 @@ template <> struct Elem<2> {
     uint32_t w;
     memcpy(&w, &h, 4);
     return w;
-  }
-  __device__ __forceinline__ static void unpack(const uint4& q, float* v) {
-    word(q.x, v); word(q.y, v + 2); word(q.z, v + 4); word(q.w, v + 6);
-  }
-  __device__ __forceinline__ static uint4 pack(const float* v) {
-    return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
   }
 };
 
