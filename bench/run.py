@@ -260,7 +260,8 @@ def bench_future_values(sz: Sizes, backends: List[str], T: int) -> List[List[str
 
 
 # ----------------------------------------------------------------------------------------------------------
-# d: the other sequence ops, ours only (checked once against the eager references first)
+# d: the other sequence ops, ours (plus the dense O(T^2) baseline for future_values); each checked once against
+#    an eager reference first
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -289,7 +290,9 @@ def seq_op_cases(sz: Sizes, backends: List[str]) -> List[Tuple[str, Callable[[],
     omega_ref, gain_ref = dense_future_values(d["logp"], d["logp_old"], d["mask"], SEQ_GAMMA)
     for b in backends:
         check_future_values(ours_future_values(d, b), omega_ref, gain_ref, f"future_values ours[{b}]")
-    cases.append(case("future_values", {f"ours[{b}]": (lambda b=b: ours_future_values(d, b)) for b in backends}))
+    fv = {f"ours[{b}]": (lambda b=b: ours_future_values(d, b)) for b in backends}
+    fv["dense U@r (authors)"] = lambda: dense_future_values(d["logp"], d["logp_old"], d["mask"], SEQ_GAMMA)
+    cases.append(case("future_values", fv))
 
     score_ref, cand_ref, _ = eager_score_tokens(d["entropy"], d["logp"], d["logp_old"], d["mask"], d["eligible"],
                                                 SEQ_GAMMA)
@@ -396,7 +399,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "then per rollout F = U @ (mask * (logp - logp_old)), exp of clipped F, clip. Both checked allclose "
               "(omega and gain) before timing.", ""]
     lines += md_table(head[:-1], [r[:-1] for r in fv_rows])
-    lines += ["", f"## d. other sequence ops, B={sz.seq_b}, T={sz.seq_t} ({sz.seq_b * sz.seq_t} tokens), ours only",
+    lines += ["", f"## d. other sequence ops, B={sz.seq_b}, T={sz.seq_t} ({sz.seq_b * sz.seq_t} tokens), "
+              "ours (and the dense baseline for future_values)",
               "", "Each op is checked once against an independent eager reference (dense U / per-rollout loops) "
               "before timing. procedure_advantages: groups of 8 rollouts (4 initial, 4 branches), "
               "branch_strength_scaling and train_branches on. policy_loss: token-mean, k3 KL to logp_ref, "
