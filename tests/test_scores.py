@@ -288,3 +288,14 @@ def test_branching_score_padded_equals_packed(backend, gen):
     torch.testing.assert_close(pk.omega, pack(pad.omega, lengths))
     torch.testing.assert_close(pk.entropy, pack(pad.entropy, lengths))
     assert torch.equal(pk.topk_ids, pack(pad.topk_ids, lengths))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_constant_segments_have_no_candidates(backend, dtype):
+    # A constant rollout has z = 0 exactly (0.7 * n / n is not exactly 0.7 in float64): no candidate there.
+    entropy = torch.full((3, 37), 0.7, dtype=dtype)
+    entropy[1] = torch.linspace(0, 1, 37, dtype=dtype)
+    res = ak.score_tokens(entropy, backend=backend)
+    assert not res.candidate[0].any() and not res.candidate[2].any()
+    assert torch.equal(res.score[0], torch.zeros(37, dtype=res.score.dtype))
+    assert res.candidate[1].any()

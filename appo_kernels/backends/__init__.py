@@ -9,8 +9,8 @@ validates, normalises layouts and composes them:
     branching_score(entropy, omega, eligible, layout)              flat [N]
 
 and `supports(op, device, dtype, **features) -> bool`, `available() -> bool`. "auto" picks, for the op and
-the input's device and dtype, the first backend in PREFERENCE that supports it. An explicitly named backend that cannot
-run the op raises: nothing falls back silently.
+the input's device and dtype, the first backend in PREFERENCE[device type] that supports it. An explicitly
+named backend that cannot run the op raises: nothing falls back silently.
 """
 from __future__ import annotations
 
@@ -19,19 +19,21 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import native, torch_ref
+from . import native, torch_ref, triton_backend
 
 class BackendUnsupported(ValueError):
     """A named backend cannot run the requested op on this device/dtype (a ValueError naming `backend`)."""
 
 
-_REGISTRY: Dict[str, ModuleType] = {m.NAME: m for m in (native, torch_ref) if m.available()}
-PREFERENCE = ("native", "torch")  # fastest first
+_REGISTRY: Dict[str, ModuleType] = {m.NAME: m for m in (native, triton_backend, torch_ref) if m.available()}
+# What "auto" tries, fastest first, per device type. The Triton interpreter on CPU is for tests only.
+PREFERENCE = {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")}
+ORDER = ("native", "triton", "torch")
 
 
 def available_backends() -> List[str]:
     """Names of the backends usable in this process (always includes "torch")."""
-    return [name for name in PREFERENCE if name in _REGISTRY]
+    return [name for name in ORDER if name in _REGISTRY]
 
 
 def runs(backend: str, op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> bool:
@@ -51,12 +53,12 @@ def resolve(backend: str, device: torch.device, ops: Union[str, Sequence[str]],
         return all(impl.supports(op, device, dtype, **features) for op in ops)
 
     if backend == "auto":
-        for name in available_backends():
+        for name in (n for n in PREFERENCE.get(device.type, ("torch",)) if n in _REGISTRY):
             if ok(_REGISTRY[name]):
                 return _REGISTRY[name]
         raise ValueError(f"backend: no available backend runs {', '.join(ops)} on {device} with {dtype}")
     if backend not in _REGISTRY:
-        known = "" if backend not in PREFERENCE else " (it is not built or not installed here)"
+        known = "" if backend not in ORDER else " (it is not built or not installed here)"
         raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, got {backend!r}{known}")
     impl = _REGISTRY[backend]
     if not ok(impl):

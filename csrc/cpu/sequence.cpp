@@ -24,11 +24,18 @@ namespace {
 
 template <typename T>
 void zscores(const T* x, const bool* eligible, int64_t lo, int64_t hi, double* mean, double* inv_std) {
-  double sum = 0;
+  double sum = 0, lowest = INFINITY, highest = -INFINITY;
   int64_t count = 0;
   for (int64_t t = lo; t < hi; ++t)
-    if (eligible[t]) { sum += double(x[t]); ++count; }
-  *mean = count ? sum / double(count) : 0;
+    if (eligible[t]) {
+      const double v = double(x[t]);
+      sum += v;
+      lowest = v < lowest ? v : lowest;
+      highest = v > highest ? v : highest;
+      ++count;
+    }
+  // A constant segment's mean is its value: sum / count may leave a residue that eps would magnify.
+  *mean = count ? (lowest == highest ? lowest : sum / double(count)) : 0;
   double var = 0;
   for (int64_t t = lo; t < hi; ++t)
     if (eligible[t]) { const double d = double(x[t]) - *mean; var += d * d; }

@@ -60,14 +60,18 @@ def segment_zscore(x: Tensor, include: Tensor, seg: Tensor, num_segments: int, e
     """(x - mean) / (std + eps) with mean and population std over the `include`d positions of each segment
     (just x - mean when not `scale`).
 
-    Computed in float64 so that a constant segment gives exactly 0 (a rounding residue would otherwise be
-    divided by eps and flip the sign tests that define candidates). Values at excluded positions are
-    meaningless; callers mask them.
+    A constant segment gives exactly 0: its mean is taken to be its value (sum / count can leave a rounding
+    residue that, divided by eps, would flip the sign tests that define candidates). Computed in float64.
+    Values at excluded positions are meaningless; callers mask them.
     """
     xd = torch.where(include, x.to(torch.float64), torch.zeros((), dtype=torch.float64, device=x.device))
     w = include.to(torch.float64)
     count = segment_sum(w, seg, num_segments).clamp(min=1)
     mean = segment_sum(xd, seg, num_segments) / count
+    inf = torch.full((num_segments,), float("inf"), dtype=torch.float64, device=x.device)
+    lo = inf.scatter_reduce(0, seg, torch.where(include, xd, float("inf")), "amin")
+    hi = (-inf).scatter_reduce(0, seg, torch.where(include, xd, float("-inf")), "amax")
+    mean = torch.where(lo == hi, lo, mean)
     centred = xd - mean[seg]
     if not scale:
         return centred
