@@ -75,10 +75,15 @@ def seq_layout(name: str, ref: torch.Tensor, cu_seqlens: Optional[torch.Tensor])
             i = int(torch.nonzero(steps < 0)[0])
             raise ValueError(f"cu_seqlens: expected non-decreasing values, got {int(cu[i])} then {int(cu[i + 1])} "
                              f"at index {i}")
-    idx = torch.arange(n, device=device)
-    seg = torch.searchsorted(cu[1:], idx, right=True)
-    pos = idx - cu[seg]
-    return SeqLayout(ref.shape, cu, seg, pos, cu.numel() - 1)
+    flat = layout_from_cu_seqlens(cu, n)
+    return SeqLayout(ref.shape, cu, flat.seg, flat.pos, flat.num_rollouts)
+
+
+def layout_from_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> SeqLayout:
+    """The packed layout of `n` flat positions split by (already validated) int64 `cu_seqlens`."""
+    idx = torch.arange(n, device=cu_seqlens.device)
+    seg = torch.searchsorted(cu_seqlens[1:], idx, right=True)
+    return SeqLayout(torch.Size([n]), cu_seqlens, seg, idx - cu_seqlens[seg], cu_seqlens.numel() - 1)
 
 
 def per_token(name: str, t: Optional[torch.Tensor], layout: SeqLayout, *, kind: str = "float"):

@@ -2,7 +2,7 @@
 
 Errors name the argument and say what was expected and what was given. Metadata checks (shape, dtype,
 device) are free and always run. Checks that read tensor values need a device-to-host copy, so they can be
-switched off (`set_value_checks(False)`) and are skipped while torch.compile traces.
+switched off (`set_value_checks(False)`) and are skipped while torch.compile traces or under FakeTensorMode.
 """
 from __future__ import annotations
 
@@ -35,7 +35,15 @@ def value_checks_enabled() -> bool:
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
-    return True
+    return _fake_mode() is None  # FakeTensors have no values to check
+
+
+def _fake_mode():
+    try:
+        from torch._guards import detect_fake_mode
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    return detect_fake_mode()
 
 
 def _shape(t: torch.Tensor) -> str:

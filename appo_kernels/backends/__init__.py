@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from . import native, torch_ref, triton_backend
+from .._ops import Dispatch
 
 class BackendUnsupported(ValueError):
     """A named backend cannot run the requested op on this device/dtype (a ValueError naming `backend`)."""
@@ -41,8 +42,13 @@ def runs(backend: str, op: str, device: torch.device, dtype: Optional[torch.dtyp
     return backend in _REGISTRY and _REGISTRY[backend].supports(op, device, dtype)
 
 
+def backend_module(name: str) -> ModuleType:
+    """The registered backend module `name` (the custom ops call it; users go through `resolve`)."""
+    return _REGISTRY[name]
+
+
 def resolve(backend: str, device: torch.device, ops: Union[str, Sequence[str]],
-            dtype: Optional[torch.dtype] = None, **features) -> ModuleType:
+            dtype: Optional[torch.dtype] = None, **features) -> Dispatch:
     """The backend module for `backend` ("auto" or a name) that runs `ops` on `device` with `dtype` inputs
     and the given features (e.g. topk=100), which a backend may not support."""
     if not isinstance(backend, str):
@@ -55,13 +61,12 @@ def resolve(backend: str, device: torch.device, ops: Union[str, Sequence[str]],
     if backend == "auto":
         for name in (n for n in PREFERENCE.get(device.type, ("torch",)) if n in _REGISTRY):
             if ok(_REGISTRY[name]):
-                return _REGISTRY[name]
+                return Dispatch(name)
         raise ValueError(f"backend: no available backend runs {', '.join(ops)} on {device} with {dtype}")
     if backend not in _REGISTRY:
         known = "" if backend not in ORDER else " (it is not built or not installed here)"
         raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, got {backend!r}{known}")
-    impl = _REGISTRY[backend]
-    if not ok(impl):
-        raise BackendUnsupported(f"backend: {backend!r} does not run {', '.join(ops)} on {device} with {dtype} inputs; "
-                         f"use backend='auto' or 'torch'")
-    return impl
+    if not ok(_REGISTRY[backend]):
+        raise BackendUnsupported(f"backend: {backend!r} does not run {', '.join(ops)} on {device} with {dtype} "
+                                 f"inputs; use backend='auto' or 'torch'")
+    return Dispatch(backend)

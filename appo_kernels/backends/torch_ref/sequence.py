@@ -89,5 +89,6 @@ def branching_score(entropy: Tensor, omega, eligible: Tensor, layout):
     else:
         z_o = segment_zscore(omega, eligible, seg, num_segments)
         score, candidate = z_h * z_o, eligible & (z_h > 0) & (z_o > 0)
+    score = score.to(entropy.dtype)  # z-scores are float64 inside; the contract is entropy's dtype
     neg_inf = torch.full((), float("-inf"), dtype=score.dtype, device=score.device)
     return torch.where(eligible, score, neg_inf), candidate

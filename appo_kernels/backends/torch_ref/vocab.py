@@ -121,7 +121,7 @@ def finalize(p: Partial, tokens: Tensor, valid: Tensor, entropy_topk: bool) -> R
     entropy = log_sumexp - p.shifted / p.sumexp
     logp = p.target - lse
     topk_logp = p.topk_vals - lse[:, None]
-    topk_set = c = lse.new_empty(0)
+    topk_set, c = lse.new_empty(0), lse.new_empty(0)
     if entropy_topk:
         in_topk = (p.topk_ids == tokens[:, None]).any(dim=1)
         lp = torch.cat([topk_logp, logp[:, None]], dim=1)                    # [n, k+1]
