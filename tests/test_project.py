@@ -40,3 +40,11 @@ def test_demo_runs_and_prints_branch_points():
     rows = [line for line in out.stdout.splitlines() if re.match(r"^\s+\d+\s+\d+\s+\d+\s+\d+\s", line)]
     assert len(rows) >= 2 * 2, out.stdout  # one row per (group, slot), then one per rollout
     assert "candidates" in out.stdout
+
+
+def test_gpu_bench_script_runs_on_cpu():
+    # bench/gpu_bench.py only gets a GPU a few minutes at a time: keep it runnable (small sizes, on CPU).
+    out = subprocess.run([sys.executable, "bench/gpu_bench.py", "--device", "cpu", "--small", "--no-compile",
+                          "--reps", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ours[torch]" in out.stdout and "future_values" in out.stdout
