@@ -76,6 +76,13 @@ print("GROWTH", growth)
 """
 
 
+def skip_interpreted(backend):
+    # Under TRITON_INTERPRET=1 the kernels run as numpy on the CPU: the resident set measures the interpreter,
+    # not the compiled kernel (whose peak memory bench/gpu_bench.py measures on a GPU).
+    if backend == "triton":
+        pytest.skip("the Triton interpreter's memory is not the kernel's; measured on GPU by bench/gpu_bench.py")
+
+
 def measure(mode, backend="torch"):
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
@@ -90,6 +97,7 @@ def measure(mode, backend="torch"):
 
 @pytest.mark.slow
 def test_token_stats_holds_no_second_nv_tensor(backend):
+    skip_interpreted(backend)
     growth = measure("library", backend)
     assert growth < 1.5 * NV4, (
         f"token_stats fwd+bwd grew the peak RSS by {growth / 2**20:.0f} MiB; limit 1.5 * N*V*4 = "
@@ -105,6 +113,7 @@ def test_control_eager_torch_exceeds_threshold():
 
 @pytest.mark.slow
 def test_linear_token_stats_never_holds_nv(backend):
+    skip_interpreted(backend)
     if not backends.runs(backend, "linear_token_stats", torch.device("cpu"), torch.float32):
         pytest.skip(f"{backend} does not implement linear_token_stats")
     growth = measure("linear_library", backend)

@@ -15,7 +15,8 @@ import torch
 NAME = "triton"
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SEQUENCE_DTYPES = (torch.float32, torch.float64)
-OPS = {"token_stats": _LOGIT_DTYPES, "reverse_discounted_scan": _SEQUENCE_DTYPES, "branching_score": _SEQUENCE_DTYPES}
+OPS = {"token_stats": _LOGIT_DTYPES, "linear_token_stats": _LOGIT_DTYPES,
+       "reverse_discounted_scan": _SEQUENCE_DTYPES, "branching_score": _SEQUENCE_DTYPES}
 
 
 def available() -> bool:
@@ -39,6 +40,16 @@ def token_stats_forward(*args):
 def token_stats_backward(*args):
     from .triton_kernels import token_stats
     return token_stats.token_stats_backward(*args)
+
+
+def linear_token_stats_forward(*args):
+    from .triton_kernels import linear_token_stats
+    return linear_token_stats.linear_token_stats_forward(*args)
+
+
+def linear_token_stats_backward(*args):
+    from .triton_kernels import linear_token_stats
+    return linear_token_stats.linear_token_stats_backward(*args)
 
 
 def reverse_discounted_scan(x, layout, gamma):
