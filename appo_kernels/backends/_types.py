@@ -1,6 +1,7 @@
 """Types shared by all backends."""
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
@@ -16,3 +17,32 @@ class RowStats(NamedTuple):
     topk_logp: Tensor    # [n, k]
     topk_set: Tensor     # int64 [n, k+1]: topk ∪ {token} (-1 for a duplicate); empty unless entropy="topk"
     c: Tensor            # [n] sum_{v in set} (1 + log p_v) p_v; empty unless entropy="topk"
+
+
+def rows_contiguous(logits: Tensor) -> Tensor:
+    """Logits whose last dimension is contiguous, as the kernels read them (one copy otherwise)."""
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+class BackwardInputs(NamedTuple):
+    """The saved statistics and upstream gradients of a token-statistics backward, as the kernels take them:
+    contiguous int64 tokens and float32 vectors; the entropy-mode inputs the kernel does not read are
+    replaced by `lse` (a valid pointer); k is the top-k of the top-k entropy (0 for exact entropy)."""
+    tokens: Tensor
+    lse: Tensor
+    entropy: Tensor
+    topk_set: Tensor
+    c: Tensor
+    g_logp: Tensor
+    g_entropy: Tensor
+    k: int
+
+
+def backward_inputs(tokens, lse, entropy, topk_set, c, g_logp, g_entropy, entropy_topk: bool) -> BackwardInputs:
+    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
+    lse = f32(lse)
+    if entropy_topk:
+        return BackwardInputs(tokens.to(torch.int64).contiguous(), lse, lse, topk_set.to(torch.int64).contiguous(),
+                              f32(c), f32(g_logp), f32(g_entropy), topk_set.shape[1] - 1)
+    return BackwardInputs(tokens.to(torch.int64).contiguous(), lse, f32(entropy), lse, lse, f32(g_logp),
+                          f32(g_entropy), 0)

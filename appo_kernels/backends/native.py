@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._types import RowStats
+from ._types import RowStats, backward_inputs, rows_contiguous
 
 try:
     from .. import _C
@@ -58,14 +58,10 @@ def _launch(device: torch.device, name: str, *args) -> None:
         getattr(_C_cuda, name)(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
-def _rows_contiguous(logits: Tensor) -> Tensor:
-    return logits if logits.stride(-1) == 1 else logits.contiguous()
-
-
 def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk: int, ignore_index: int,
                         entropy_topk: bool) -> RowStats:
     """logits [N, V] -> RowStats (float32), as the torch reference computes it."""
-    logits = _rows_contiguous(logits)
+    logits = rows_contiguous(logits)
     n, v = logits.shape
     tokens = tokens.to(torch.int64).contiguous()
     f32 = dict(dtype=torch.float32, device=logits.device)
@@ -76,10 +72,10 @@ def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk
         torch.empty(0, **f32)
     c = torch.empty(n, **f32) if entropy_topk else torch.empty(0, **f32)
     if n:
-        _launch(logits.device, "token_stats_fwd", logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v, logits.stride(0), tokens.data_ptr(),
-                           ignore_index, 1.0 / temperature, topk, entropy_topk, logp.data_ptr(), entropy.data_ptr(),
-                           lse.data_ptr(), topk_ids.data_ptr(), topk_logp.data_ptr(), topk_set.data_ptr(),
-                           c.data_ptr())
+        _launch(logits.device, "token_stats_fwd", logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v,
+                logits.stride(0), tokens.data_ptr(), ignore_index, 1.0 / temperature, topk, entropy_topk,
+                logp.data_ptr(), entropy.data_ptr(), lse.data_ptr(), topk_ids.data_ptr(), topk_logp.data_ptr(),
+                topk_set.data_ptr(), c.data_ptr())
     return RowStats(logp, entropy, lse, topk_ids, topk_logp, topk_set, c)
 
 
@@ -87,18 +83,15 @@ def token_stats_backward(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: T
                          g_logp: Tensor, g_entropy: Tensor, temperature: float, ignore_index: int,
                          entropy_topk: bool) -> Tensor:
     """Gradient w.r.t. logits [N, V] (contiguous, logits' dtype)."""
-    logits = _rows_contiguous(logits)
+    logits = rows_contiguous(logits)
     n, v = logits.shape
     grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     if n:
-        tokens = tokens.to(torch.int64).contiguous()
-        g_logp = g_logp.to(torch.float32).contiguous()
-        g_entropy = g_entropy.to(torch.float32).contiguous()
-        k = topk_set.shape[1] - 1 if entropy_topk else 0
-        _launch(logits.device, "token_stats_bwd", logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v, logits.stride(0), tokens.data_ptr(),
-                           ignore_index, 1.0 / temperature, k, entropy_topk, lse.data_ptr(), entropy.data_ptr(),
-                           topk_set.data_ptr(), c.data_ptr(), g_logp.data_ptr(), g_entropy.data_ptr(),
-                           grad.data_ptr())
+        b = backward_inputs(tokens, lse, entropy, topk_set, c, g_logp, g_entropy, entropy_topk)
+        _launch(logits.device, "token_stats_bwd", logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v,
+                logits.stride(0), b.tokens.data_ptr(), ignore_index, 1.0 / temperature, b.k, entropy_topk,
+                b.lse.data_ptr(), b.entropy.data_ptr(), b.topk_set.data_ptr(), b.c.data_ptr(), b.g_logp.data_ptr(),
+                b.g_entropy.data_ptr(), grad.data_ptr())
     return grad
 
 

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._types import RowStats
+from .._types import RowStats, backward_inputs
 from .token_stats import _topk_entropy
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -351,19 +351,8 @@ def linear_token_stats_backward(hidden: Tensor, weight: Tensor, bias: Tensor | N
     g_weight = torch.zeros((v, h), dtype=torch.float32, device=dev)
     g_bias = torch.zeros(v, dtype=torch.float32, device=dev) if bias is not None else None
     if n and v and h:
-        tokens = tokens.to(torch.int64).contiguous()
-        lse = lse.to(torch.float32).contiguous()
-        g_logp = g_logp.to(torch.float32).contiguous()
-        g_entropy = g_entropy.to(torch.float32).contiguous()
-        if entropy_topk:
-            k = topk_set.shape[1] - 1
-            topk_set = topk_set.to(torch.int64).contiguous()
-            c = c.to(torch.float32).contiguous()
-            entropy = lse  # unused by the kernels
-        else:
-            k = 0
-            entropy = entropy.to(torch.float32).contiguous()
-            topk_set, c = lse, lse  # unused by the kernels
+        tokens, lse, entropy, topk_set, c, g_logp, g_entropy, k = backward_inputs(
+            tokens, lse, entropy, topk_set, c, g_logp, g_entropy, entropy_topk)
         bn, bv, bh = _blocks(n, v, h, dot_f32)
         args = (hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else hidden, tokens,
                 lse, entropy, topk_set, c, g_logp, g_entropy)

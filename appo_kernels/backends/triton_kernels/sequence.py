@@ -40,7 +40,7 @@ def _reverse_scan_kernel(x_ptr, cu_ptr, gamma_ptr, out_ptr, BLOCK: tl.constexpr)
     idx = tl.arange(0, BLOCK)
     carry = gamma * 0.0                             # float64 scalar
     k = n_tiles * 0
-    while k < n_tiles:                              # `while`: `range` over a loaded bound breaks triton 3.6's interpreter
+    while k < n_tiles:  # `while`: `range` over a loaded bound breaks triton 3.6's interpreter
         k += 1
         offs = end - k * BLOCK + idx                # int64
         valid = offs >= start

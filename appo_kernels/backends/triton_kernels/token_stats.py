@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._types import RowStats
+from .._types import RowStats, backward_inputs, rows_contiguous
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -154,7 +154,7 @@ def _bwd_kernel(x_ptr, stride_row, g_ptr, tok_ptr, lse_ptr, ent_ptr, set_ptr, c_
 def _rows_contiguous(logits: Tensor) -> Tensor:
     if logits.dtype not in DTYPES:
         raise TypeError(f"logits: expected float32/bfloat16/float16, got {logits.dtype}")
-    return logits if logits.stride(-1) == 1 else logits.contiguous()
+    return rows_contiguous(logits)
 
 
 def _topk_entropy(logp: Tensor, topk_ids: Tensor, topk_logp: Tensor, tokens: Tensor, valid: Tensor):
@@ -203,19 +203,8 @@ def token_stats_backward(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: T
     n, v = logits.shape
     grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     if n and v:
-        tokens = tokens.to(torch.int64).contiguous()
-        lse = lse.to(torch.float32).contiguous()
-        g_logp = g_logp.to(torch.float32).contiguous()
-        g_entropy = g_entropy.to(torch.float32).contiguous()
-        if entropy_topk:
-            k = topk_set.shape[1] - 1
-            topk_set = topk_set.to(torch.int64).contiguous()
-            c = c.to(torch.float32).contiguous()
-            entropy = lse  # unused by the kernel
-        else:
-            k = 0
-            entropy = entropy.to(torch.float32).contiguous()
-            topk_set, c = lse, lse  # unused by the kernel
+        tokens, lse, entropy, topk_set, c, g_logp, g_entropy, k = backward_inputs(
+            tokens, lse, entropy, topk_set, c, g_logp, g_entropy, entropy_topk)
         block = _block(v, 2048)
         _bwd_kernel[(n, triton.cdiv(v, block))](
             logits, logits.stride(0), grad, tokens, lse, entropy, topk_set, c, g_logp, g_entropy,
