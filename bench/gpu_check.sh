@@ -9,6 +9,7 @@
 # The GPU machine has torch and nvcc but no network: if pybind11 or pytest are missing there, put their wheels
 # in .wheels/ first (`pip download pybind11 pytest -d .wheels`) and carry that folder along.
 set -uo pipefail
+unset TRITON_INTERPRET  # compiled Triton on the GPU
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"

@@ -1,7 +1,9 @@
 import os
 
-# Must happen before anything imports triton (future triton backends run through the interpreter on CPU).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU the Triton kernels run in the interpreter; this must happen before anything imports triton.
+# On a GPU machine they run compiled (set TRITON_INTERPRET yourself to force the interpreter there).
+if not os.path.exists("/proc/driver/nvidia/version"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import random
 import sys
