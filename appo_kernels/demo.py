@@ -50,6 +50,8 @@ def main(argv=None) -> None:
 
     logits, tokens, mask, logp_old, group_ids = synthetic_batch(args.groups, args.rollouts, args.length,
                                                                 args.vocab, args.seed)
+    # Warm-up: the first call of any torch custom op imports torch._dynamo (about a second, once per process).
+    ak.branching_score(logits[:1, :4], tokens[:1, :4], logp_old[:1, :4], mask[:1, :4], topk=3)
     t0 = time.perf_counter()
     bs = ak.branching_score(logits, tokens, logp_old, mask, topk=3)
     ent_only = ak.score_tokens(bs.entropy, mask=mask)
@@ -62,7 +64,8 @@ def main(argv=None) -> None:
     print(f"appo_kernels {ak.__version__} demo: {args.groups} groups x {args.rollouts} initial rollouts, "
           f"T={args.length}, V={args.vocab}, backend(s) {ak.available_backends()}")
     print(f"scored {int(mask.sum())} generated tokens; {int(bs.candidate.sum())} are candidates "
-          f"(high entropy AND high future gain); scoring + selection took {elapsed * 1e3:.1f} ms\n")
+          f"(high entropy AND high future gain); scoring + selection took {elapsed * 1e3:.1f} ms "
+          "(after a warm-up call)\n")
     print("group slot rollout   t  token   score  cand  entropy  omega | entropy-only pick (rollout, t)")
     for grp in range(args.groups):
         for j in range(args.branches):
