@@ -6,7 +6,6 @@ so the two layouts share one implementation and agree exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,17 +14,32 @@ from ._validation import (require_float, require_int, require_ndim, require_same
                           require_tensor, value_checks_enabled)
 
 
-@dataclass(frozen=True)
 class SeqLayout:
-    shape: torch.Size          # per-token shape of the caller: (B, T) padded or (N,) packed
-    cu_seqlens: torch.Tensor   # int64 [B + 1]
-    seg: torch.Tensor          # int64 [N], rollout of each flat position
-    pos: torch.Tensor          # int64 [N], position t inside its rollout
-    num_rollouts: int          # B
+    """A batch of rollouts over `numel` flat positions: rollout b is [cu_seqlens[b], cu_seqlens[b + 1]).
+
+    `seg` (the rollout of each position) and `pos` (its index t inside the rollout) are int64 [N] tensors
+    computed on first use: the native and Triton kernels need only `cu_seqlens`.
+    """
+
+    def __init__(self, shape: torch.Size, cu_seqlens: torch.Tensor, numel: int):
+        self.shape = shape                  # per-token shape of the caller: (B, T) padded or (N,) packed
+        self.cu_seqlens = cu_seqlens        # int64 [B + 1]
+        self.numel = numel                  # N
+        self.num_rollouts = cu_seqlens.numel() - 1
+        self._seg = self._pos = None  # cached by hand: functools.cached_property takes a lock dynamo cannot trace
 
     @property
-    def numel(self) -> int:
-        return self.seg.numel()
+    def seg(self) -> torch.Tensor:
+        if self._seg is None:
+            idx = torch.arange(self.numel, device=self.cu_seqlens.device)
+            self._seg = torch.searchsorted(self.cu_seqlens[1:], idx, right=True)
+        return self._seg
+
+    @property
+    def pos(self) -> torch.Tensor:
+        if self._pos is None:
+            self._pos = torch.arange(self.numel, device=self.cu_seqlens.device) - self.cu_seqlens[self.seg]
+        return self._pos
 
     @property
     def padded(self) -> bool:
@@ -49,12 +63,7 @@ def seq_layout(name: str, ref: torch.Tensor, cu_seqlens: Optional[torch.Tensor])
                 "cu_seqlens; pass shape [1, T] for a single padded rollout")
         require_ndim(name, ref, (2,), "a padded [B, T] tensor, or a packed [N] tensor with cu_seqlens")
         b, t = ref.shape
-        n = b * t
-        idx = torch.arange(n, device=device)
-        cu = torch.arange(b + 1, device=device) * t
-        seg = idx // t if t else idx
-        pos = idx - seg * t
-        return SeqLayout(ref.shape, cu, seg, pos, b)
+        return SeqLayout(ref.shape, torch.arange(b + 1, device=device) * t, b * t)
 
     require_int("cu_seqlens", cu_seqlens)
     require_same_device(**{name: ref, "cu_seqlens": cu_seqlens})
@@ -75,15 +84,12 @@ def seq_layout(name: str, ref: torch.Tensor, cu_seqlens: Optional[torch.Tensor])
             i = int(torch.nonzero(steps < 0)[0])
             raise ValueError(f"cu_seqlens: expected non-decreasing values, got {int(cu[i])} then {int(cu[i + 1])} "
                              f"at index {i}")
-    flat = layout_from_cu_seqlens(cu, n)
-    return SeqLayout(ref.shape, cu, flat.seg, flat.pos, flat.num_rollouts)
+    return SeqLayout(ref.shape, cu, n)
 
 
 def layout_from_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> SeqLayout:
     """The packed layout of `n` flat positions split by (already validated) int64 `cu_seqlens`."""
-    idx = torch.arange(n, device=cu_seqlens.device)
-    seg = torch.searchsorted(cu_seqlens[1:], idx, right=True)
-    return SeqLayout(torch.Size([n]), cu_seqlens, seg, idx - cu_seqlens[seg], cu_seqlens.numel() - 1)
+    return SeqLayout(torch.Size([n]), cu_seqlens, n)
 
 
 def per_token(name: str, t: Optional[torch.Tensor], layout: SeqLayout, *, kind: str = "float"):
