@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._layout import layout_from_cu_seqlens
-from .backends._types import RowStats
+from .backends._types import RowStats, empty_row_stats
 
 
 def _impl(backend: str):
@@ -26,11 +26,7 @@ def _cdt(t: Tensor) -> torch.dtype:
 
 
 def _fake_row_stats(like: Tensor, n: int, topk: int, entropy_topk: bool):
-    cdt = _cdt(like)
-    vec = [like.new_empty(n, dtype=cdt) for _ in range(3)]
-    topk_set = like.new_empty((n, topk + 1), dtype=torch.int64) if entropy_topk else like.new_empty(0, dtype=cdt)
-    c = like.new_empty(n, dtype=cdt) if entropy_topk else like.new_empty(0, dtype=cdt)
-    return (*vec, like.new_empty((n, topk), dtype=torch.int64), like.new_empty((n, topk), dtype=cdt), topk_set, c)
+    return tuple(empty_row_stats(n, topk, entropy_topk, like.device, _cdt(like)))
 
 
 @torch.library.custom_op("appo_kernels::token_stats_fwd", mutates_args=())

@@ -19,6 +19,16 @@ class RowStats(NamedTuple):
     c: Tensor            # [n] sum_{v in set} (1 + log p_v) p_v; empty unless entropy="topk"
 
 
+def empty_row_stats(n: int, topk: int, entropy_topk: bool, device, dtype=torch.float32) -> RowStats:
+    """Uninitialised outputs of a token-statistics forward over n rows (what the kernels write into)."""
+    vec = [torch.empty(n, dtype=dtype, device=device) for _ in range(3)]
+    ids = torch.empty(n, topk, dtype=torch.int64, device=device)
+    topk_set = torch.empty(n, topk + 1, dtype=torch.int64, device=device) if entropy_topk else \
+        torch.empty(0, dtype=dtype, device=device)
+    c = torch.empty(n if entropy_topk else 0, dtype=dtype, device=device)
+    return RowStats(*vec, ids, torch.empty(n, topk, dtype=dtype, device=device), topk_set, c)
+
+
 def rows_contiguous(logits: Tensor) -> Tensor:
     """Logits whose last dimension is contiguous, as the kernels read them (one copy otherwise)."""
     return logits if logits.stride(-1) == 1 else logits.contiguous()

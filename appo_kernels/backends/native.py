@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._types import RowStats, backward_inputs, rows_contiguous
+from ._types import RowStats, backward_inputs, empty_row_stats, rows_contiguous
 
 try:
     from .. import _C
@@ -64,19 +64,14 @@ def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk
     logits = rows_contiguous(logits)
     n, v = logits.shape
     tokens = tokens.to(torch.int64).contiguous()
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    logp, entropy, lse = (torch.empty(n, **f32) for _ in range(3))
-    topk_ids = torch.empty(n, topk, dtype=torch.int64, device=logits.device)
-    topk_logp = torch.empty(n, topk, **f32)
-    topk_set = torch.empty(n, topk + 1, dtype=torch.int64, device=logits.device) if entropy_topk else \
-        torch.empty(0, **f32)
-    c = torch.empty(n, **f32) if entropy_topk else torch.empty(0, **f32)
+    out = empty_row_stats(n, topk, entropy_topk, logits.device)
+    logp, entropy, lse, topk_ids, topk_logp, topk_set, c = out
     if n:
         _launch(logits.device, "token_stats_fwd", logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v,
                 logits.stride(0), tokens.data_ptr(), ignore_index, 1.0 / temperature, topk, entropy_topk,
                 logp.data_ptr(), entropy.data_ptr(), lse.data_ptr(), topk_ids.data_ptr(), topk_logp.data_ptr(),
                 topk_set.data_ptr(), c.data_ptr())
-    return RowStats(logp, entropy, lse, topk_ids, topk_logp, topk_set, c)
+    return out
 
 
 def token_stats_backward(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, topk_set: Tensor, c: Tensor,

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._types import RowStats, backward_inputs, rows_contiguous
+from .._types import RowStats, backward_inputs, empty_row_stats, rows_contiguous
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -178,10 +178,7 @@ def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk
     logits = _rows_contiguous(logits)
     n, v = logits.shape
     tokens = tokens.to(torch.int64).contiguous()
-    f32 = {"dtype": torch.float32, "device": logits.device}
-    logp, entropy, lse = (torch.empty(n, **f32) for _ in range(3))
-    topk_ids = torch.empty(n, topk, dtype=torch.int64, device=logits.device)
-    topk_logp = torch.empty(n, topk, **f32)
+    logp, entropy, lse, topk_ids, topk_logp, topk_set, c = empty_row_stats(n, topk, False, logits.device)
     if n:
         block = _block(v, 4096)
         _fwd_kernel[(n,)](logits, logits.stride(0), tokens, logp, entropy, lse, topk_ids, topk_logp,
@@ -190,8 +187,6 @@ def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk
                           num_warps=8 if block >= 2048 else 4)
     if entropy_topk:
         entropy, c, topk_set = _topk_entropy(logp, topk_ids, topk_logp, tokens, tokens != ignore_index)
-    else:
-        topk_set, c = torch.empty(0, **f32), torch.empty(0, **f32)
     return RowStats(logp, entropy, lse, topk_ids, topk_logp, topk_set, c)
 
 
