@@ -48,3 +48,14 @@ def test_gpu_bench_script_runs_on_cpu():
                           "--reps", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ours[torch]" in out.stdout and "future_values" in out.stdout
+
+
+def test_every_package_is_installed():
+    # pyproject.toml lists the packages explicitly (appo_train lives in python/): a new sub-package must be added.
+    import tomllib
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "appo_kernels").rglob("__init__.py")}
+    found |= {".".join(p.parent.relative_to(ROOT / "python").parts) for p in (ROOT / "python").rglob("__init__.py")}
+    assert listed == found
+    assert cfg["package-dir"] == {"appo_train": "python/appo_train"}

@@ -1,0 +1,182 @@
+"""How each algorithm spends one step's rollout budget, and the per-token advantages it trains on.
+
+- GRPO: `rollouts_per_prompt` full rollouts per prompt; one advantage per rollout (group-normalised reward).
+- ARPO (SPEC 9): half the budget as full rollouts; after each tool result, fork a copy of the prefix with
+  probability clamp(0.5 + 0.2 * dH, 0, 1), dH = entropy of the next (up to 20) generated tokens minus the
+  rollout's initial entropy, until the budget is spent (what is left goes to more full rollouts); plain
+  GRPO advantages over all rollouts of the prompt, branches trained on what they generated.
+- APPO (SPEC 2-7): half the budget as initial rollouts, scored with `appo_kernels.branching_score`
+  (Omega from `omega_source`), forks at `appo_kernels.select_branch_points`, per-token advantages from
+  `appo_kernels.procedure_advantages` (dual-group, prefix credit, branch-strength scaling); the loss adds
+  future-KL weighting. "appo-entropy" is the entropy-only ablation (score without Omega).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+import appo_kernels as ak
+
+from .policy import GEN, PROMPT, TOOL, Rollout, generate, pad_batch, start_rollout, token_logits
+from .tasks import Episode, Task, score_response
+from .tokenizer import CharTokenizer
+
+ALGORITHMS = ("appo", "grpo", "arpo", "appo-entropy")
+OMEGA_SOURCES = ("prev_policy", "reference", "behavior")
+ARPO_WINDOW = 20
+
+
+@dataclass
+class StepBatch:
+    """All rollouts of one step, padded: `tokens`, `kinds` `[R, T]`; `group`, `parent`, `split` `[R]`."""
+    tasks: list[Task]
+    rows: list[Rollout]
+    tokens: Tensor
+    attention: Tensor
+    kinds: Tensor
+    group: Tensor
+    parent: Tensor
+    split: Tensor
+    episodes: list[Episode]
+    rewards: Tensor
+    scores: ak.BranchingScores | None = None      # APPO: the initial rows' scores (first rows of the batch)
+    branch_score: Tensor | None = None           # APPO: BS_b per row (0 on initial rows)
+    forks: list[tuple[int, int]] = field(default_factory=list)   # (rollout, position) of every branch
+
+    @property
+    def gen_mask(self) -> Tensor:
+        return self.kinds == GEN
+
+    @property
+    def is_branch(self) -> Tensor:
+        return self.parent >= 0
+
+
+def token_stats(model: torch.nn.Module, tokens: Tensor, attention: Tensor, mask: Tensor, backend: str):
+    """`appo_kernels.token_stats` of the policy on the masked tokens (0 elsewhere): logp, entropy `[R, T]`."""
+    logits = token_logits(model, tokens, attention)
+    return ak.token_stats(logits, torch.where(mask, tokens, -100), backend=backend)
+
+
+def prompt_rows(tasks: list[Task], counts: int | list[int], tok: CharTokenizer, budget: int) -> list[Rollout]:
+    """Fresh rows from the prompts: `counts` rows per task (one int for all, or one per task)."""
+    rows = []
+    for i, task in enumerate(tasks):
+        ids = [tok.bos_id] + tok.encode(task.prompt)
+        n = counts if isinstance(counts, int) else counts[i]
+        rows += [start_rollout(i, ids, [PROMPT] * len(ids), len(ids), tasks, tok, budget) for _ in range(n)]
+    return rows
+
+
+def fork(rows: list[Rollout], parent: int, position: int, tasks: list[Task], tok: CharTokenizer,
+         budget: int) -> Rollout:
+    """A branch that keeps tokens 0..position of `parent` (tool results included) and samples the rest."""
+    p = rows[parent]
+    return start_rollout(p.task, p.tokens[:position + 1], p.kinds[:position + 1], p.prompt_len, tasks, tok, budget,
+                         parent=parent, split=position)
+
+
+def _finish(tasks, rows, tok, **extra) -> StepBatch:
+    tokens, attention, kinds = pad_batch(rows, tok.pad_id)
+    episodes = [score_response(tasks[r.task], tok.decode(r.tokens[r.prompt_len:])) for r in rows]
+    return StepBatch(tasks, rows, tokens, attention, kinds,
+                     group=torch.tensor([r.task for r in rows]), parent=torch.tensor([r.parent for r in rows]),
+                     split=torch.tensor([r.split for r in rows]), episodes=episodes,
+                     rewards=torch.tensor([e.reward for e in episodes], dtype=torch.float32), **extra)
+
+
+def branch_eligible(tokens: Tensor, kinds: Tensor, tok: CharTokenizer, max_new: int) -> Tensor:
+    """Generated tokens that leave room to generate: not <eos>, not the last token of the length budget."""
+    gen = kinds == GEN
+    return gen & (tokens != tok.eos_id) & (gen.cumsum(1) < max_new)
+
+
+def collect(algo: str, cfg, model, tasks: list[Task], tok: CharTokenizer, gen: torch.Generator,
+            rng: random.Random, omega_model=None) -> StepBatch:
+    """Generate one step's rollouts for `algo` at `cfg.rollouts_per_prompt` rollouts per prompt.
+
+    `omega_model` (APPO) gives logp_old for Omega: the previous policy, the reference, or None for the
+    behaviour policy (the sampler itself) or for the entropy-only ablation."""
+    n = cfg.rollouts_per_prompt
+    sample = {"max_new": cfg.max_new_tokens, "budget": cfg.tool_budget, "temperature": cfg.temperature,
+              "generator": gen}
+    if algo == "grpo":
+        rows = generate(model, prompt_rows(tasks, n, tok, cfg.tool_budget), tasks, tok, **sample)
+        return _finish(tasks, rows, tok)
+    n_init = n // 2
+    rows = generate(model, prompt_rows(tasks, n_init, tok, cfg.tool_budget), tasks, tok, **sample)
+    tokens, attention, kinds = pad_batch(rows, tok.pad_id)
+    gen_mask = kinds == GEN
+    eligible = branch_eligible(tokens, kinds, tok, cfg.max_new_tokens)
+    with torch.no_grad():
+        logits = token_logits(model, tokens, attention)
+        if algo == "arpo":
+            entropy = ak.token_stats(logits, torch.where(gen_mask, tokens, -100), backend=cfg.backend).entropy
+            forks = _arpo_forks(rows, kinds, entropy, eligible, len(tasks), n - n_init, rng)
+            extra = [fork(rows, i, t, tasks, tok, cfg.tool_budget) for i, t in forks]
+            unspent = [n - n_init - sum(rows[i].task == g for i, _ in forks) for g in range(len(tasks))]
+            extra += prompt_rows(tasks, unspent, tok, cfg.tool_budget)
+            rows += generate(model, extra, tasks, tok, **sample)
+            return _finish(tasks, rows, tok, forks=forks)
+        logp_old = None                 # entropy-only: the ablation, and APPO's first step under prev_policy
+        if algo == "appo" and cfg.omega_source == "behavior":
+            logp_old = ak.token_stats(logits, torch.where(gen_mask, tokens, -100), backend=cfg.backend).logp
+        elif algo == "appo" and omega_model is not None:
+            logp_old = token_stats(omega_model, tokens, attention, gen_mask, cfg.backend).logp
+        scores = ak.branching_score(logits, tokens, logp_old, gen_mask, eligible=eligible,
+                                    temperature=cfg.temperature, backend=cfg.backend)
+    group = torch.tensor([r.task for r in rows])
+    bp = ak.select_branch_points(scores.score, scores.candidate, group, n - n_init, num_groups=len(tasks))
+    forks = [(int(i), int(t)) for i, t, ok in zip(bp.rollout.flatten(), bp.position.flatten(),
+                                                   bp.valid.repeat_interleave(n - n_init)) if ok]
+    strength = [float(s) for s, ok in zip(bp.score.flatten(), bp.valid.repeat_interleave(n - n_init)) if ok]
+    branches = generate(model, [fork(rows, i, t, tasks, tok, cfg.tool_budget) for i, t in forks], tasks, tok,
+                        **sample)
+    rows += branches
+    branch_score = torch.tensor([0.0] * n_init * len(tasks) + strength, dtype=torch.float32)
+    return _finish(tasks, rows, tok, scores=scores, branch_score=branch_score, forks=forks)
+
+
+def _arpo_forks(rows: list[Rollout], kinds: Tensor, entropy: Tensor, eligible: Tensor, num_tasks: int,
+                budget: int, rng: random.Random) -> list[tuple[int, int]]:
+    """ARPO's entropy-triggered forks after tool results, at most `budget` per prompt (SPEC 9)."""
+    per_task: list[list[tuple[int, int, float]]] = [[] for _ in range(num_tasks)]
+    for i, r in enumerate(rows):
+        gen_pos = torch.nonzero(kinds[i] == GEN).flatten()
+        if not len(gen_pos):
+            continue
+        h0 = entropy[i, gen_pos[:ARPO_WINDOW]].mean()
+        ends = [t for t in range(len(r.tokens)) if r.kinds[t] == TOOL and t + 1 < len(r.tokens)
+                and r.kinds[t + 1] == GEN]
+        for t in ends:
+            after = gen_pos[gen_pos > t][:ARPO_WINDOW]
+            dh = float(entropy[i, after].mean() - h0)
+            per_task[r.task].append((i, t, min(max(0.5 + 0.2 * dh, 0.0), 1.0)))
+    forks = []
+    for cands in per_task:
+        rng.shuffle(cands)
+        taken = 0
+        for i, t, p in cands:
+            if taken < budget and rng.random() < p:
+                forks.append((i, t))
+                taken += 1
+    return forks
+
+
+def advantages(algo: str, cfg, batch: StepBatch) -> tuple[Tensor, Tensor]:
+    """Per-token advantages and loss mask `[R, T]` for `algo` (see the module docstring)."""
+    gen = batch.gen_mask
+    num_groups = len(batch.tasks)
+    if algo in ("grpo", "arpo"):
+        a_hat = ak.group_advantages(batch.rewards, batch.group, num_groups=num_groups)
+        pos = torch.arange(gen.shape[1])
+        loss_mask = gen & (pos[None, :] > batch.split[:, None])     # branches: only what they generated
+        return torch.where(loss_mask, a_hat[:, None], 0.0), loss_mask
+    out = ak.procedure_advantages(batch.rewards, batch.group, batch.parent, batch.split.clamp(min=0), gen,
+                                  branch_score=batch.branch_score,
+                                  branch_strength_scaling=cfg.branch_strength_scaling,
+                                  train_branches=cfg.train_branches, num_groups=num_groups, backend=cfg.backend)
+    return out.advantages, out.loss_mask

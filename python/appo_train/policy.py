@@ -1,0 +1,163 @@
+"""The policy: a tiny transformers causal LM built from a config, and batched multi-turn generation with a
+KV cache and the tool loop.
+
+Generation is a hand-written loop over `model(..., cache=...)`: each row feeds its pending tokens (its prompt
+or branch prefix at first, then one sampled token, or a tool result) as a left-padded chunk; padding inside
+the sequence is masked out and positions count real tokens only, so every row sees exactly what it would see
+alone. Finished rows are dropped from the cache as the batch thins out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .tasks import Task
+from .tokenizer import CharTokenizer
+
+PROMPT, GEN, TOOL = 0, 1, 2          # token kinds: only GEN tokens are scored and trained
+
+
+@dataclass
+class PolicyConfig:
+    """Shape of the tiny Qwen2-style policy (about 0.3M parameters at the defaults)."""
+    hidden_size: int = 96
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    max_positions: int = 192
+
+
+def build_policy(tokenizer: CharTokenizer, cfg: PolicyConfig, seed: int) -> torch.nn.Module:
+    """A randomly initialised Qwen2ForCausalLM (no download), deterministic for a seed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                         max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id,
+                         eos_token_id=tokenizer.eos_id, attn_implementation="sdpa")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(config)
+
+
+@dataclass
+class Rollout:
+    """One response: the full token sequence (prompt first) with the kind of every token.
+
+    For a branch, `parent` is the index of the initial rollout it was forked from (in the same batch) and
+    `split` the last position it shares with it; both are -1 for an initial rollout."""
+    task: int
+    tokens: list[int]
+    kinds: list[int]
+    prompt_len: int
+    calls: int = 0
+    truncated: bool = False
+    parent: int = -1
+    split: int = -1
+    pending: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def num_generated(self) -> int:
+        return sum(k == GEN for k in self.kinds)
+
+
+def _append_tool_result(r: Rollout, tasks: list[Task], tok: CharTokenizer, budget: int) -> None:
+    """After a sampled </call>: run the call (within the budget) and queue <res>result</res> as tool tokens."""
+    start = len(r.tokens) - 1
+    while start > 0 and r.tokens[start] != tok.call_id:
+        start -= 1
+    r.calls += 1
+    text = tok.decode(r.tokens[start + 1:-1]) if r.tokens[start] == tok.call_id else ""
+    result = tasks[r.task].tool(text) if r.calls <= budget else "err"
+    ids = [tok.res_id] + tok.encode(result) + [tok.end_res_id]
+    r.tokens += ids
+    r.kinds += [TOOL] * len(ids)
+    r.pending += ids
+
+
+def start_rollout(task: int, tokens: list[int], kinds: list[int], prompt_len: int, tasks: list[Task],
+                  tok: CharTokenizer, budget: int, *, parent: int = -1, split: int = -1) -> Rollout:
+    """A row that continues `tokens` (a prompt, or a branch prefix whose tool results are reused)."""
+    r = Rollout(task, list(tokens), list(kinds), prompt_len, parent=parent, split=split, pending=list(tokens))
+    r.calls = sum(1 for t, k in zip(tokens, kinds) if k == GEN and t == tok.end_call_id)
+    if kinds[-1] == GEN and tokens[-1] == tok.end_call_id:
+        r.calls -= 1                      # counted again by the tool run below
+        _append_tool_result(r, tasks, tok, budget)
+    return r
+
+
+def _finished(r: Rollout, tok: CharTokenizer, max_new: int) -> bool:
+    return (r.kinds[-1] == GEN and r.tokens[-1] == tok.eos_id) or r.num_generated >= max_new
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, rows: list[Rollout], tasks: list[Task], tok: CharTokenizer, *,
+             max_new: int, budget: int, temperature: float = 1.0, generator: torch.Generator | None = None,
+             greedy: bool = False) -> list[Rollout]:
+    """Sample every row to <eos> or `max_new` generated tokens, running tool calls as they are emitted.
+
+    Rows are modified in place and returned. Sampling uses `generator` (deterministic for a seed)."""
+    from transformers import DynamicCache
+    model.eval()
+    slots = [i for i, r in enumerate(rows) if not _finished(r, tok, max_new)]   # rows in cache order
+    live = [True] * len(slots)
+    cache = DynamicCache(config=model.config)
+    attn = torch.zeros(len(slots), 0, dtype=torch.long)
+    while any(live):
+        width = max(len(rows[i].pending) for i in slots)
+        ids = torch.full((len(slots), width), tok.pad_id, dtype=torch.long)
+        chunk = torch.zeros(len(slots), width, dtype=torch.long)
+        for b, i in enumerate(slots):
+            p = rows[i].pending          # empty for a finished row still in the cache: one masked pad
+            if p:
+                ids[b, width - len(p):] = torch.tensor(p)
+                chunk[b, width - len(p):] = 1
+        attn = torch.cat([attn, chunk], 1)
+        pos = (attn.cumsum(1) - 1).clamp(min=0)[:, -width:]
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1].float()
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+        for b, i in enumerate(slots):
+            if not live[b]:
+                continue
+            r, t = rows[i], int(nxt[b])
+            r.tokens.append(t)
+            r.kinds.append(GEN)
+            r.pending = [t]
+            if t == tok.end_call_id:
+                _append_tool_result(r, tasks, tok, budget)
+            if _finished(r, tok, max_new):
+                r.truncated = t != tok.eos_id
+                r.pending, live[b] = [], False
+        if sum(live) <= 0.75 * len(slots):      # drop finished rows from the cache as the batch thins out
+            keep = torch.tensor([b for b in range(len(slots)) if live[b]], dtype=torch.long)
+            cache.batch_select_indices(keep)
+            attn = attn[keep]
+            slots = [slots[b] for b in keep.tolist()]
+            live = [True] * len(slots)
+    return rows
+
+
+def pad_batch(rows: list[Rollout], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded `tokens [R, T]` int64, `attention [R, T]` int64 and `kinds [R, T]` int64 (-1 on padding)."""
+    width = max(len(r.tokens) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    kinds = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r.tokens)] = torch.tensor(r.tokens)
+        kinds[i, :len(r.kinds)] = torch.tensor(r.kinds)
+    return tokens, (kinds >= 0).long(), kinds
+
+
+def token_logits(model: torch.nn.Module, tokens: Tensor, attention: Tensor) -> Tensor:
+    """`[R, T, V]` logits aligned with the tokens: row t holds the logits that predicted token t (row 0,
+    the <bos>, is zeros). Differentiable when called under grad."""
+    logits = model(input_ids=tokens, attention_mask=attention).logits
+    return torch.cat([logits.new_zeros(logits.shape[0], 1, logits.shape[2]), logits[:, :-1]], 1)

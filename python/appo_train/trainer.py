@@ -1,0 +1,375 @@
+"""The training loop: supervised warm start, then RL with one of the algorithms, with evaluation,
+checkpoints that resume exactly, metrics (JSONL + CSV) and rollout samples for the report."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import appo_kernels as ak
+
+from . import algorithms
+from .algorithms import ALGORITHMS, OMEGA_SOURCES, StepBatch
+from .policy import GEN, PROMPT, TOOL, PolicyConfig, build_policy, generate
+from .tasks import TASK_VERSION, demonstrations, make_task
+from .tokenizer import CharTokenizer
+
+EVAL_SEED = 10_007          # the held-out evaluation prompts are the same for every run
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Defaults: the README's main job (warm start + APPO, < 10 min on 2 cores)."""
+    algo: str = "appo"
+    seed: int = 0
+    out_dir: str = "runs/appo"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # supervised warm start on imperfect demonstrations
+    sft_examples: int = 6000
+    sft_steps: int = 700
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    mistake_rate: float = 0.35
+    # rollouts (SPEC 8, scaled down): rollouts_per_prompt = initial + branches for the tree algorithms
+    prompts_per_step: int = 8
+    rollouts_per_prompt: int = 16
+    max_new_tokens: int = 64
+    tool_budget: int = 3
+    temperature: float = 1.0
+    token_budget: int = 300_000      # generated tokens of RL (the equal budget of a comparison)
+    max_steps: int | None = None
+    # update (SPEC 7): 1 epoch, mini-batches of prompts, AdamW, grad-clip
+    minibatch_prompts: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    kl_coef: float = 0.001
+    # APPO (SPEC 2-6)
+    omega_source: str = "prev_policy"
+    branch_strength_scaling: bool = True
+    # SPEC 5's option, on here: at an equal budget of generated tokens, leaving branch continuations out of the
+    # loss discards half of APPO's samples (measured: docs/trainer.md).
+    train_branches: bool = True
+    future_kl: bool = True
+    # evaluation, samples, backend
+    eval_every: int = 20
+    eval_prompts: int = 512
+    eval_samples: int = 1
+    sample_groups: int = 2
+    backend: str = "auto"
+    sft_cache: str | None = None   # where the warm-start weights are kept (shared by a comparison's runs)
+
+    def __post_init__(self):
+        if isinstance(self.policy, dict):
+            self.policy = PolicyConfig(**self.policy)
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"algo: expected one of {ALGORITHMS}, got {self.algo!r}")
+        if self.omega_source not in OMEGA_SOURCES:
+            raise ValueError(f"omega_source: expected one of {OMEGA_SOURCES}, got {self.omega_source!r}")
+        if self.rollouts_per_prompt < 2 or self.rollouts_per_prompt % 2:
+            raise ValueError(f"rollouts_per_prompt: expected an even number >= 2 (half initial, half branches "
+                             f"for the tree algorithms), got {self.rollouts_per_prompt}")
+        if self.prompts_per_step % self.minibatch_prompts:
+            raise ValueError(f"minibatch_prompts: expected a divisor of prompts_per_step="
+                             f"{self.prompts_per_step}, got {self.minibatch_prompts}")
+
+    def sft_key(self) -> dict:
+        """What the warm start depends on (a cached warm start is reused only when all of it matches)."""
+        return {k: getattr(self, k) for k in ("seed", "sft_examples", "sft_steps", "sft_batch", "sft_lr",
+                                              "mistake_rate", "max_new_tokens")} | {"policy": asdict(self.policy),
+                                                                       "tasks": TASK_VERSION}
+
+
+def _generator(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def _encode_demo(tok: CharTokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    ids, kinds = [tok.bos_id] + tok.encode(prompt), []
+    kinds = [PROMPT] * len(ids)
+    in_tool = False
+    for t in tok.encode(response):
+        in_tool = in_tool or t == tok.res_id
+        ids.append(t)
+        kinds.append(TOOL if in_tool else GEN)
+        in_tool = in_tool and t != tok.end_res_id
+    return ids, kinds
+
+
+def warm_start(cfg: TrainConfig, tok: CharTokenizer, progress: bool = True) -> dict:
+    """Supervised warm start on imperfect demonstrations (loss on generated tokens only; tool output and the
+    prompt masked out), via `appo_kernels.token_stats`. Cached in `cfg.sft_cache` (or out_dir/sft.pt)."""
+    from tqdm.auto import tqdm
+    path = Path(cfg.sft_cache or Path(cfg.out_dir) / "sft.pt")
+    if path.exists():
+        saved = torch.load(path, weights_only=False)
+        if saved["key"] == cfg.sft_key():
+            return saved["model"]
+    model = build_policy(tok, cfg.policy, cfg.seed)
+    demos = [_encode_demo(tok, t.prompt, r) for t, r in demonstrations(cfg.sft_examples, cfg.seed, cfg.mistake_rate)]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.sft_steps)))
+    gen = _generator(cfg.seed, -1)
+    model.train()
+    bar = tqdm(range(cfg.sft_steps), desc="warm start (SFT)", disable=not progress, dynamic_ncols=True,
+               mininterval=1.0)
+    for step in bar:
+        idx = torch.randint(len(demos), (cfg.sft_batch,), generator=gen).tolist()
+        width = max(len(demos[i][0]) for i in idx)
+        tokens = torch.full((len(idx), width), tok.pad_id, dtype=torch.long)
+        kinds = torch.full((len(idx), width), -1, dtype=torch.long)
+        for b, i in enumerate(idx):
+            tokens[b, :len(demos[i][0])] = torch.tensor(demos[i][0])
+            kinds[b, :len(demos[i][1])] = torch.tensor(demos[i][1])
+        logp = algorithms.token_stats(model, tokens, (kinds >= 0).long(), kinds == GEN, cfg.backend).logp
+        loss = -logp.sum() / (kinds == GEN).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    state = model.state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save({"key": cfg.sft_key(), "model": state}, path)
+    return state
+
+
+@torch.no_grad()
+def evaluate(model, cfg: TrainConfig, tok: CharTokenizer) -> dict:
+    """Sampled (temperature 1) success, reward and tool calls on the fixed held-out prompts."""
+    rng = random.Random(EVAL_SEED)
+    tasks = [make_task(rng) for _ in range(cfg.eval_prompts)]
+    rows = generate(model, algorithms.prompt_rows(tasks, cfg.eval_samples, tok, cfg.tool_budget), tasks, tok,
+                    max_new=cfg.max_new_tokens, budget=cfg.tool_budget, temperature=cfg.temperature,
+                    generator=_generator(EVAL_SEED, cfg.seed))
+    eps = [algorithms.score_response(tasks[r.task], tok.decode(r.tokens[r.prompt_len:])) for r in rows]
+    return {"eval_success": sum(e.success for e in eps) / len(eps),
+            "eval_reward": sum(e.reward for e in eps) / len(eps),
+            "eval_tool_calls": sum(r.calls for r in rows) / len(rows),
+            "eval_format": sum(e.well_formed for e in eps) / len(eps)}
+
+
+def _candidate_share(scores) -> float | None:
+    """Share of the eligible (finite-score) tokens that passed APPO's candidate filter."""
+    if scores is None:
+        return None
+    return float(scores.candidate.sum()) / max(int(torch.isfinite(scores.score).sum()), 1)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """One run: `Trainer(cfg).run()` warm-starts (or loads the cached warm start), resumes from
+    out_dir/checkpoint.pt when present, and trains until the token budget (or max_steps) is spent."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tok = CharTokenizer()
+        sft = warm_start(cfg, self.tok, progress)
+        self.model = build_policy(self.tok, cfg.policy, cfg.seed)
+        self.model.load_state_dict(sft)
+        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.prev: torch.nn.Module | None = None        # the policy before the last update (Omega)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step, self.gen_tokens = 0, 0
+        self.records: list[dict] = []
+        self._resume()
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        path = self.out / "checkpoint.pt"
+        if not path.exists():
+            return
+        ck = torch.load(path, weights_only=False)
+        if ck["config"] != asdict(self.cfg) | {"out_dir": ck["config"]["out_dir"]}:
+            raise ValueError(f"out_dir: {self.out} holds a checkpoint of a different configuration; use another "
+                             f"--out or delete {path}")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        if ck["prev"] is not None:
+            self.prev = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.prev.load_state_dict(ck["prev"])
+        self.step, self.gen_tokens, self.records = ck["step"], ck["gen_tokens"], ck["records"]
+        self._write_metrics()
+
+    def _checkpoint(self) -> None:
+        _atomic_save({"config": asdict(self.cfg), "model": self.model.state_dict(),
+                      "optimizer": self.opt.state_dict(),
+                      "prev": None if self.prev is None else self.prev.state_dict(),
+                      "step": self.step, "gen_tokens": self.gen_tokens, "records": self.records},
+                     self.out / "checkpoint.pt")
+
+    def _write_metrics(self) -> None:
+        with open(self.out / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
+        keys = list(dict.fromkeys(k for r in self.records for k in r))
+        with open(self.out / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.records)
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def done(self) -> bool:
+        cfg = self.cfg
+        return self.gen_tokens >= cfg.token_budget or (cfg.max_steps is not None and self.step >= cfg.max_steps)
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+        cfg = self.cfg
+        bar = tqdm(total=cfg.token_budget, initial=min(self.gen_tokens, cfg.token_budget), unit="tok",
+                   desc=f"RL {cfg.algo}", disable=not self.progress, dynamic_ncols=True, mininterval=1.0)
+        if not self.records:
+            self.records.append({"algo": cfg.algo, "seed": cfg.seed, "step": 0, "gen_tokens": 0,
+                                 **self._eval_only()})
+            self._write_metrics()
+        while not self.done():
+            t0 = time.perf_counter()
+            record, batch, adv = self.train_step()
+            if self.step % cfg.eval_every == 0 or self.done():
+                record |= evaluate(self.model, cfg, self.tok)
+                self._save_samples(batch, adv)
+            record["time_s"] = round(time.perf_counter() - t0, 3)      # the step, with its evaluation
+            self.records.append(record)
+            self._write_metrics()
+            self._checkpoint()
+            bar.update(min(self.gen_tokens, cfg.token_budget) - bar.n)
+            bar.set_postfix(step=self.step, reward=f"{record['reward']:.3f}", success=f"{record['success']:.2f}",
+                            eval=f"{self.records[-1].get('eval_success', float('nan')):.2f}")
+        bar.close()
+        return self.summary()
+
+    def _eval_only(self) -> dict:
+        out = evaluate(self.model, self.cfg, self.tok)
+        return {"reward": out["eval_reward"], "success": out["eval_success"], "tool_calls": out["eval_tool_calls"],
+                "entropy": None, **out}
+
+    def train_step(self) -> tuple[dict, StepBatch, torch.Tensor]:
+        cfg, step = self.cfg, self.step
+        rng = random.Random(hash((cfg.seed, step, "tasks")))
+        gen = _generator(cfg.seed, step)
+        tasks = [make_task(rng) for _ in range(cfg.prompts_per_step)]
+        omega_model = {"prev_policy": self.prev, "reference": self.ref, "behavior": None}[cfg.omega_source]
+        batch = algorithms.collect(cfg.algo, cfg, self.model, tasks, self.tok, gen, rng, omega_model)
+        adv, loss_mask = algorithms.advantages(cfg.algo, cfg, batch)
+        with torch.no_grad():
+            self.model.eval()
+            behaviour = algorithms.token_stats(self.model, batch.tokens, batch.attention, batch.gen_mask,
+                                               cfg.backend)
+            logp_ref = algorithms.token_stats(self.ref, batch.tokens, batch.attention, loss_mask, cfg.backend).logp
+        self.prev = copy.deepcopy(self.model).eval().requires_grad_(False)
+        losses = self._update(batch, adv, loss_mask, behaviour.logp, logp_ref, gen)
+        self.step += 1
+        new_tokens = sum(r.num_generated - (0 if r.parent < 0 else sum(k == GEN for k in r.kinds[:r.split + 1]))
+                         for r in batch.rows)
+        self.gen_tokens += new_tokens
+        gen_mask = batch.gen_mask & ~batch.is_branch[:, None]
+        record = {"algo": cfg.algo, "seed": cfg.seed, "step": self.step, "gen_tokens": self.gen_tokens,
+                  "reward": batch.rewards.mean().item(),
+                  "success": sum(e.success for e in batch.episodes) / len(batch.episodes),
+                  "tool_calls": sum(r.calls for r in batch.rows) / len(batch.rows),
+                  "entropy": (behaviour.entropy[gen_mask].mean().item() if gen_mask.any() else None),
+                  "format": sum(e.well_formed for e in batch.episodes) / len(batch.episodes),
+                  "branches": int(batch.is_branch.sum()),
+                  "candidate_share": _candidate_share(batch.scores),
+                  "post_answer_forks": self._post_answer_share(batch),
+                  **losses}
+        return record, batch, adv
+
+    def _update(self, batch: StepBatch, adv, loss_mask, logp_old, logp_ref, gen) -> dict:
+        """One PPO epoch over mini-batches of prompts (rows without trainable tokens are skipped)."""
+        cfg = self.cfg
+        self.model.train()
+        order = torch.randperm(len(batch.tasks), generator=gen)
+        sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+        n = 0
+        for start in range(0, len(order), cfg.minibatch_prompts):
+            groups = order[start:start + cfg.minibatch_prompts]
+            rows = torch.nonzero(torch.isin(batch.group, groups) & loss_mask.any(1)).flatten()
+            if not len(rows):
+                continue
+            width = int(batch.attention[rows].sum(1).max())
+            tok, att, lm = batch.tokens[rows, :width], batch.attention[rows, :width], loss_mask[rows, :width]
+            lp_old, a = logp_old[rows, :width], adv[rows, :width]
+            logp = algorithms.token_stats(self.model, tok, att, lm, cfg.backend).logp
+            if cfg.algo in ("appo", "appo-entropy") and cfg.future_kl:
+                a = ak.future_kl_weights(logp.detach(), lp_old, a, lm, backend=cfg.backend).advantages
+            out = ak.policy_loss(logp, lp_old, a, lm, logp_ref=logp_ref[rows, :width], kl_coef=cfg.kl_coef)
+            self.opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            sums["loss"] += out.loss.item()
+            sums["kl"] += out.kl.item()
+            sums["clip_fraction"] += out.clip_fraction.item()
+            n += 1
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    def _post_answer_share(self, batch: StepBatch) -> float | None:
+        """Share of the forks placed after the answer was complete (on the sign-off decoy or the space before
+        it): a branch from there can only re-sample what does not matter."""
+        if not batch.forks:
+            return None
+        space = self.tok.encode(" ")[0]
+        wasted = 0
+        for i, t in batch.forks:
+            toks = batch.rows[i].tokens
+            ans = max((j for j, x in enumerate(toks) if x == self.tok.ans_id), default=None)
+            sign = next((j for j in range(ans, len(toks)) if toks[j] == space), None) if ans is not None else None
+            wasted += sign is not None and t >= sign
+        return wasted / len(batch.forks)
+
+    # --- report material ---------------------------------------------------------------------------------
+    def _save_samples(self, batch: StepBatch, adv: torch.Tensor) -> None:
+        """The first `sample_groups` prompts of this step, token by token, for the HTML report."""
+        sc = batch.scores
+        n_scored = 0 if sc is None else sc.score.shape[0]
+        chosen = set(batch.forks)
+        out = []
+        kind_name = {PROMPT: "prompt", GEN: "gen", TOOL: "tool"}
+        for i, r in enumerate(batch.rows):
+            if r.task >= self.cfg.sample_groups:
+                continue
+            ep = batch.episodes[i]
+            toks = []
+            for t, (tid, k) in enumerate(zip(r.tokens, r.kinds)):
+                scored = i < n_scored and k == GEN
+                s = float(sc.score[i, t]) if scored else None
+                toks.append({"text": self.tok.token_text(tid), "kind": kind_name[k],
+                             "score": s if s is None or math.isfinite(s) else None,
+                             "entropy": float(sc.entropy[i, t]) if scored else None,
+                             "omega": float(sc.omega[i, t]) if scored and sc.omega is not None else None,
+                             "advantage": float(adv[i, t]) if k == GEN else None,
+                             "candidate": bool(sc.candidate[i, t]) if scored else False,
+                             "branch_point": (i, t) in chosen})
+            out.append({"algo": self.cfg.algo, "step": self.step, "group": r.task, "index": i,
+                        "is_branch": r.parent >= 0, "parent": r.parent, "split": r.split, "reward": ep.reward,
+                        "success": ep.success, "answer": ep.answer or "", "gold": batch.tasks[r.task].answer,
+                        "prompt": batch.tasks[r.task].prompt, "tokens": toks,
+                        "tool_calls": [{"call": c, "result": res} for c, res in ep.calls]})
+        (self.out / "samples.json").write_text(json.dumps(out))
+
+    def summary(self) -> dict:
+        last_eval = next(r for r in reversed(self.records) if "eval_success" in r)
+        first = self.records[0]
+        return {"algo": self.cfg.algo, "seed": self.cfg.seed, "steps": self.step, "gen_tokens": self.gen_tokens,
+                "rl_minutes": round(sum(r.get("time_s", 0.0) for r in self.records) / 60, 2),
+                "success_before": first["eval_success"], "success": last_eval["eval_success"],
+                "reward_before": first["eval_reward"], "reward": last_eval["eval_reward"],
+                "tool_calls": last_eval["eval_tool_calls"], "format": last_eval["eval_format"]}

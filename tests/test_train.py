@@ -1,0 +1,268 @@
+"""The reference trainer (python/appo_train): tasks and rewards, KV-cache generation with the tool loop,
+each algorithm's rollouts and advantages, exact resume, and the CLI end to end (tiny configurations)."""
+import json
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from appo_train import algorithms
+from appo_train.cli import SMOKE
+from appo_train.policy import (
+    GEN,
+    PROMPT,
+    TOOL,
+    PolicyConfig,
+    build_policy,
+    generate,
+    pad_batch,
+    start_rollout,
+    token_logits,
+)
+from appo_train.tasks import MISTAKES, make_task, score_response, solution_trace
+from appo_train.tokenizer import CharTokenizer
+from appo_train.trainer import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TOK = CharTokenizer()
+TINY = PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+
+
+def smoke_config(tmp_path, **over) -> TrainConfig:
+    kw = dict(SMOKE) | {"out_dir": str(tmp_path / "run"), "sft_cache": str(tmp_path / "sft.pt")}
+    return TrainConfig(**(kw | over))
+
+
+def test_tokenizer_round_trip_and_rejection():
+    text = "<bos>ax*bo?<call>kv ax</call><res>47</res><ans>-12 q<eos>"
+    ids = TOK.encode(text)
+    assert TOK.decode(ids) == text
+    assert ids[0] == TOK.bos_id and TOK.pad_id == 0 and len(set(TOK.vocab)) == TOK.vocab_size
+    with pytest.raises(ValueError, match=r"'A' at index 1"):
+        TOK.encode("aAb")
+
+
+def test_tools_and_reward_shape():
+    task = make_task(random.Random(3))
+    key = task.keys[0]
+    assert task.tool(f"kv {key}") == task.table[key]
+    assert task.tool("kv zz" if "zz" not in task.table else "kv yy") == "none"
+    assert task.tool("calc 12*-3") == "-36" and task.tool("calc 1/2") == "err" and task.tool("kv") == "err"
+    gold = solution_trace(task, random.Random(0))
+    ep = score_response(task, gold)
+    assert ep.success and ep.well_formed and ep.reward == pytest.approx(1.1)     # F1 1 + both tools 0.1
+    assert ep.answer == task.answer
+    no_tools = score_response(task, f"<ans>{task.answer}<eos>")
+    assert no_tools.success and no_tools.reward == pytest.approx(1.0)            # no tool bonus
+    for bad in ("", f"<ans>{task.answer}", f"{task.answer}<eos>", "<call>kv ab</call><ans>1<eos>",
+                f"<call>kv {key}</call><res>1</res><ans><eos>", "<call>oops</call><res>err</res><ans>1<eos>"):
+        assert score_response(task, bad).reward == -1.0, bad
+    for mistake in MISTAKES:
+        wrong = solution_trace(task, random.Random(1), mistake)
+        ep = score_response(task, wrong)
+        assert ep.well_formed and ep.reward > -1.0, (mistake, wrong)
+
+
+def _prompt(task):
+    ids = [TOK.bos_id] + TOK.encode(task.prompt)
+    return ids, [PROMPT] * len(ids)
+
+
+def test_branch_prefix_reuses_tool_results_and_counts_the_budget():
+    task = make_task(random.Random(4))
+    ids, kinds = _prompt(task)
+    call = [TOK.call_id] + TOK.encode(f"kv {task.keys[0]}") + [TOK.end_call_id]
+    r = start_rollout(0, ids + call, kinds + [GEN] * len(call), len(ids), [task], TOK, budget=3)
+    assert r.calls == 1
+    assert TOK.decode(r.tokens[len(ids) + len(call):]) == f"<res>{task.table[task.keys[0]]}</res>"
+    assert r.kinds[-1] == TOOL and r.pending == r.tokens                    # the whole prefix is fed once
+    over = start_rollout(0, ids + call, kinds + [GEN] * len(call), len(ids), [task], TOK, budget=0)
+    assert TOK.decode(over.tokens[-5:]) == "<res>err</res>"
+
+
+def test_kv_cache_generation_matches_a_full_forward():
+    # Left-padded chunks, masked padding inside the sequence, tool results fed mid-generation, rows of
+    # different lengths (prompts and branch prefixes) and cache compaction: every greedy token must be the
+    # argmax of a plain full-sequence forward at its position.
+    model = build_policy(TOK, TINY, seed=1).eval()
+    rng = random.Random(0)
+    tasks = [make_task(rng) for _ in range(5)]
+    demo = [solution_trace(t, rng) for t in tasks]
+    rows = algorithms.prompt_rows(tasks, 2, TOK, 3)
+    for i in range(3):                                   # branch-like rows: a demonstration prefix
+        ids, kinds = _prompt(tasks[i])
+        resp = TOK.encode(demo[i])
+        cut = 4 + 5 * i
+        rows.append(start_rollout(i, ids + resp[:cut], kinds + [GEN] * cut, len(ids), tasks, TOK, 3))
+    before = [len(r.tokens) for r in rows]
+    generate(model, rows, tasks, TOK, max_new=40, budget=3, greedy=True)
+    tokens, attention, kinds = pad_batch(rows, TOK.pad_id)
+    with torch.no_grad():
+        logits = token_logits(model, tokens, attention)
+    checked = 0
+    for i, r in enumerate(rows):
+        for t in range(before[i], len(r.tokens)):
+            if r.kinds[t] == GEN:
+                assert float(logits[i, t].max() - logits[i, t, r.tokens[t]]) < 1e-4, (i, t)
+                checked += 1
+        assert r.num_generated <= 40 and (r.truncated or r.tokens[-1] == TOK.eos_id)
+        for call, result in score_response(tasks[r.task], TOK.decode(r.tokens[r.prompt_len:])).calls:
+            assert result in (tasks[r.task].tool(call), "err")
+    assert checked > 100
+
+
+def test_sampling_is_deterministic_for_a_seed():
+    model = build_policy(TOK, TINY, seed=2)
+    tasks = [make_task(random.Random(5)) for _ in range(3)]
+
+    def sample(seed):
+        rows = algorithms.prompt_rows(tasks, 3, TOK, 3)
+        generate(model, rows, tasks, TOK, max_new=30, budget=3, generator=torch.Generator().manual_seed(seed))
+        return [r.tokens for r in rows]
+    assert sample(7) == sample(7) != sample(8)
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """A smoke-sized warm-started trainer (shared: the warm start is the slow part)."""
+    tmp = tmp_path_factory.mktemp("warm")
+    return Trainer(smoke_config(tmp), progress=False)
+
+
+def _collect(trainer, algo, omega_model=None):
+    cfg = replace(trainer.cfg, algo=algo)
+    tasks = [make_task(random.Random(11 + i)) for i in range(cfg.prompts_per_step)]
+    return cfg, algorithms.collect(algo, cfg, trainer.model, tasks, TOK, torch.Generator().manual_seed(0),
+                                   random.Random(0), omega_model)
+
+
+@pytest.mark.parametrize("algo", ["appo", "appo-entropy"])
+def test_appo_rollout_trees(warm, algo):
+    prev = build_policy(TOK, warm.cfg.policy, seed=5).eval()            # a policy that differs: Omega != 1
+    cfg, batch = _collect(warm, algo, prev)
+    n, p = cfg.rollouts_per_prompt, cfg.prompts_per_step
+    assert len(batch.rows) == n * p and int(batch.is_branch.sum()) == (n // 2) * p
+    assert (batch.scores.omega is None) == (algo == "appo-entropy")
+    eligible = algorithms.branch_eligible(*pad_batch(batch.rows[:p * n // 2], TOK.pad_id)[::2], TOK,
+                                          cfg.max_new_tokens)
+    for b, (i, t) in zip(batch.rows[p * n // 2:], batch.forks):
+        parent = batch.rows[i]
+        assert b.parent == i and b.split == t and b.task == parent.task
+        assert b.tokens[:t + 1] == parent.tokens[:t + 1] and b.kinds[:t + 1] == parent.kinds[:t + 1]
+        assert parent.kinds[t] == GEN and bool(eligible[i, t])
+    adv, loss_mask = algorithms.advantages(algo, cfg, batch)
+    assert not loss_mask[batch.is_branch].any()                          # branches: signal, not gradient
+    assert torch.equal(loss_mask[~batch.is_branch], batch.gen_mask[~batch.is_branch])
+    assert torch.all(adv[~loss_mask] == 0)
+
+
+def test_appo_can_train_branch_continuations(warm):
+    cfg, batch = _collect(warm, "appo")
+    cfg = replace(cfg, train_branches=True)
+    _, loss_mask = algorithms.advantages("appo", cfg, batch)
+    pos = torch.arange(loss_mask.shape[1])
+    expect = batch.gen_mask & (~batch.is_branch[:, None] | (pos[None] > batch.split[:, None]))
+    assert torch.equal(loss_mask, expect)
+
+
+def test_arpo_forks_only_after_tool_results(warm):
+    cfg, batch = _collect(warm, "arpo")
+    n = cfg.rollouts_per_prompt
+    assert all(sum(r.task == g for r in batch.rows) == n for g in range(cfg.prompts_per_step))
+    for i, t in batch.forks:
+        r = batch.rows[i]
+        assert r.kinds[t] == TOOL and r.tokens[t] == TOK.end_res_id and r.kinds[t + 1] == GEN
+    adv, loss_mask = algorithms.advantages("arpo", cfg, batch)
+    expected = torch.tensor([e.reward for e in batch.episodes])
+    for g in range(cfg.prompts_per_step):                    # plain GRPO advantages over all rollouts
+        sel = batch.group == g
+        z = (expected[sel] - expected[sel].mean()) / (expected[sel].std(unbiased=False) + 1e-6)
+        rows = torch.nonzero(sel).flatten()
+        for k, row in enumerate(rows):
+            vals = adv[row][loss_mask[row]]
+            assert torch.allclose(vals, torch.full_like(vals, float(z[k])), atol=1e-5)
+
+
+def test_grpo_spends_the_budget_on_full_rollouts(warm):
+    cfg, batch = _collect(warm, "grpo")
+    assert len(batch.rows) == cfg.rollouts_per_prompt * cfg.prompts_per_step and not batch.is_branch.any()
+
+
+def _state(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_after_a_kill_is_exact(tmp_path):
+    # An uninterrupted run versus one stopped after 2 steps and resumed: same weights, same metrics.
+    full = Trainer(smoke_config(tmp_path, out_dir=str(tmp_path / "a"), max_steps=4, token_budget=10**9), progress=False)
+    full.run()
+    part = Trainer(smoke_config(tmp_path, out_dir=str(tmp_path / "b"), max_steps=2, token_budget=10**9), progress=False)
+    part.run()
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    ck["config"]["max_steps"] = 4                      # the same run, asked to go on
+    torch.save(ck, tmp_path / "b" / "checkpoint.pt")
+    resumed = Trainer(smoke_config(tmp_path, out_dir=str(tmp_path / "b"), max_steps=4, token_budget=10**9), progress=False)
+    assert resumed.step == 2
+    resumed.run()
+    a, b = _state(full), _state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
+    assert strip(full.records) == strip(resumed.records) and len(full.records) == 5
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 1, 2, 3, 4]
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    Trainer(smoke_config(tmp_path, max_steps=1), progress=False).run()
+    with pytest.raises(ValueError, match="different configuration"):
+        Trainer(smoke_config(tmp_path, max_steps=1, lr=1e-3), progress=False)
+
+
+def test_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="algo: expected one of"):
+        smoke_config(tmp_path, algo="ppo")
+    with pytest.raises(ValueError, match="omega_source"):
+        smoke_config(tmp_path, omega_source="old")
+    with pytest.raises(ValueError, match="rollouts_per_prompt"):
+        smoke_config(tmp_path, rollouts_per_prompt=5)
+
+
+def _run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "appo_train", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, check=False)
+
+
+def test_cli_smoke_run_writes_metrics_plots_and_report(tmp_path):
+    out = _run("--smoke", "--no-progress", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    for name in ("metrics.jsonl", "metrics.csv", "training_curves.png", "report.html", "checkpoint.pt",
+                 "samples.json"):
+        assert (run / name).stat().st_size > 0, name
+    assert "success_before" in out.stdout and str(run / "report.html") in out.stdout
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["gen_tokens"] >= SMOKE["token_budget"] > records[-2]["gen_tokens"]
+    samples = json.loads((run / "samples.json").read_text())
+    assert any(t["branch_point"] for s in samples for t in s["tokens"])       # APPO's forks are in the report
+
+
+def test_cli_compare_writes_a_results_table(tmp_path):
+    out = _run("compare", "--smoke", "--no-progress", "--seeds", "0", "1", "--algos", "grpo", "appo",
+               "--out", str(tmp_path / "cmp"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (tmp_path / "cmp" / "results.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| grpo | 2 |") and table[3].startswith("| appo | 2 |")
+    runs = json.loads((tmp_path / "cmp" / "results.json").read_text())["runs"]
+    assert sorted((r["algo"], r["seed"]) for r in runs) == [("appo", 0), ("appo", 1), ("grpo", 0), ("grpo", 1)]
+    assert all(r["gen_tokens"] >= SMOKE["token_budget"] for r in runs)
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
