@@ -2,8 +2,10 @@
 each algorithm's rollouts and advantages, exact resume, and the CLI end to end (tiny configurations)."""
 import json
 import random
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -200,30 +202,51 @@ def _state(trainer):
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
-def test_resume_after_a_kill_is_exact(tmp_path):
-    # An uninterrupted run versus one stopped after 2 steps and resumed: same weights, same metrics.
-    full = Trainer(smoke_config(tmp_path, out_dir=str(tmp_path / "a"), max_steps=4, token_budget=10**9), progress=False)
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
+
+
+def test_a_finished_run_extends_exactly(tmp_path):
+    # 4 steps in one go versus 2 steps, then the same run asked to go on to 4: same weights, same metrics.
+    long = dict(token_budget=10**9)
+    full = Trainer(smoke_config(tmp_path, out_dir=str(tmp_path / "a"), max_steps=4, **long), progress=False)
     full.run()
-    part = Trainer(smoke_config(tmp_path, out_dir=str(tmp_path / "b"), max_steps=2, token_budget=10**9), progress=False)
-    part.run()
-    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
-    ck["config"]["max_steps"] = 4                      # the same run, asked to go on
-    torch.save(ck, tmp_path / "b" / "checkpoint.pt")
-    resumed = Trainer(smoke_config(tmp_path, out_dir=str(tmp_path / "b"), max_steps=4, token_budget=10**9), progress=False)
+    Trainer(smoke_config(tmp_path, out_dir=str(tmp_path / "b"), max_steps=2, **long), progress=False).run()
+    resumed = Trainer(smoke_config(tmp_path, out_dir=str(tmp_path / "b"), max_steps=4, **long), progress=False)
     assert resumed.step == 2
     resumed.run()
     a, b = _state(full), _state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _strip(full.records) == _strip(resumed.records) and len(full.records) == 5
 
-    def strip(records):
-        return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
-    assert strip(full.records) == strip(resumed.records) and len(full.records) == 5
-    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [0, 1, 2, 3, 4]
+
+def test_a_killed_run_resumes_and_loses_no_finished_step(tmp_path):
+    args = ["--smoke", "--no-progress", "--max-steps", "6", "--token-budget", "1000000000"]
+    assert _run(*args, "--out", str(tmp_path / "a"), cwd=tmp_path).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "appo_train", *args, "--out", str(tmp_path / "b")],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:      # steps 0..3 logged
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"]
+    assert 1 <= killed_at < 6
+    assert _run(*args, "--out", str(tmp_path / "b"), cwd=tmp_path).returncode == 0
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(7)) and _strip(lines) == _strip(a["records"])
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):
     Trainer(smoke_config(tmp_path, max_steps=1), progress=False).run()
+    Trainer(smoke_config(tmp_path, max_steps=2), progress=False)            # a new stopping point is fine
     with pytest.raises(ValueError, match="different configuration"):
         Trainer(smoke_config(tmp_path, max_steps=1, lr=1e-3), progress=False)
 

@@ -66,16 +66,19 @@ def _load_records(run_dirs: list[Path]) -> list[dict]:
 
 
 def _write_report(out: Path, run_dirs: list[Path], summary_rows: list[dict], title: str, notes: str,
-                  comparison: list[dict] | None = None) -> list[Path]:
+                  comparison: list[dict] | None = None, sample_dirs: list[Path] | None = None,
+                  sample_groups: int | None = None) -> list[Path]:
+    """Training curves (+ the comparison bars), then report.html with the last evaluated step's rollouts of
+    `sample_dirs` (default: every run), the first `sample_groups` prompts of each."""
     from . import report
     images = [report.plot_training_curves(_load_records(run_dirs), out / "training_curves.png")]
     if comparison:
         images.append(report.plot_comparison(comparison, out / "comparison.png"))
     samples = []
-    for d in run_dirs:
+    for d in run_dirs if sample_dirs is None else sample_dirs:
         path = d / "samples.json"
         if path.exists():
-            samples += json.loads(path.read_text())
+            samples += [s for s in json.loads(path.read_text()) if sample_groups is None or s["group"] < sample_groups]
     html = report.write_html_report(out / "report.html", title=title, summary_rows=summary_rows,
                                     rollouts=samples, images=images, notes=notes)
     return images + [html]
@@ -143,8 +146,11 @@ def compare(argv: list[str]) -> int:
     (out / "results.json").write_text(json.dumps({"summary": rows, "runs": summaries}, indent=1))
     paths = _write_report(out, run_dirs, rows, "appo-train compare",
                           f"{len(args.seeds)} seeds x {len(args.algos)} algorithms, each run stopped at the same "
-                          f"budget of generated tokens; success = held-out success sampled at temperature 1.",
-                          comparison=summaries)
+                          f"budget of generated tokens; success = held-out success sampled at temperature 1. "
+                          f"Rollouts below: the first prompt of the last evaluated step of each algorithm, seed "
+                          f"{args.seeds[0]}.",
+                          comparison=summaries, sample_dirs=[out / f"{a}-s{args.seeds[0]}" for a in args.algos],
+                          sample_groups=1)
     print()
     print(table)
     print("\nresults:", out / "results.md", "|", out / "results.json")

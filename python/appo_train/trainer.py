@@ -88,8 +88,13 @@ class TrainConfig:
                                                                        "tasks": TASK_VERSION}
 
 
-def _generator(*key: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+def _seed(*key) -> int:
+    """A 63-bit seed derived from `key`, the same in every process (unlike hash() of a str)."""
+    return random.Random(repr(key)).getrandbits(63)
+
+
+def _generator(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed(*key))
 
 
 def _encode_demo(tok: CharTokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -167,6 +172,12 @@ def _candidate_share(scores) -> float | None:
     return float(scores.candidate.sum()) / max(int(torch.isfinite(scores.score).sum()), 1)
 
 
+def _trajectory(config: dict) -> dict:
+    """The settings that decide a run's trajectory: a checkpoint resumes only under the same ones (where it is
+    kept and when it stops may change, so a finished run can be extended to a larger budget)."""
+    return {k: v for k, v in config.items() if k not in ("out_dir", "token_budget", "max_steps", "sft_cache")}
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -198,7 +209,7 @@ class Trainer:
         if not path.exists():
             return
         ck = torch.load(path, weights_only=False)
-        if ck["config"] != asdict(self.cfg) | {"out_dir": ck["config"]["out_dir"]}:
+        if _trajectory(ck["config"]) != _trajectory(asdict(self.cfg)):
             raise ValueError(f"out_dir: {self.out} holds a checkpoint of a different configuration; use another "
                              f"--out or delete {path}")
         self.model.load_state_dict(ck["model"])
@@ -262,7 +273,7 @@ class Trainer:
 
     def train_step(self) -> tuple[dict, StepBatch, torch.Tensor]:
         cfg, step = self.cfg, self.step
-        rng = random.Random(hash((cfg.seed, step, "tasks")))
+        rng = random.Random(_seed(cfg.seed, step, "tasks"))
         gen = _generator(cfg.seed, step)
         tasks = [make_task(rng) for _ in range(cfg.prompts_per_step)]
         omega_model = {"prev_policy": self.prev, "reference": self.ref, "behavior": None}[cfg.omega_source]
