@@ -2,8 +2,8 @@
 
     python -m appo_kernels.demo [--groups 3] [--rollouts 4] [--branches 4] [--seed 0]
 
-Until the reference trainer exists this is the project's main job: it runs every public op on CPU in a few
-seconds and prints what APPO would do with the batch.
+It runs every public op on CPU in a few seconds and prints what APPO would do with the batch; the reference
+trainer (`appo-train`, docs/trainer.md) shows the same ops inside a real training loop.
 """
 from __future__ import annotations
 

@@ -160,8 +160,8 @@ def test_appo_rollout_trees(warm, algo):
         assert b.parent == i and b.split == t and b.task == parent.task
         assert b.tokens[:t + 1] == parent.tokens[:t + 1] and b.kinds[:t + 1] == parent.kinds[:t + 1]
         assert parent.kinds[t] == GEN and bool(eligible[i, t])
-    adv, loss_mask = algorithms.advantages(algo, cfg, batch)
-    assert not loss_mask[batch.is_branch].any()                          # branches: signal, not gradient
+    adv, loss_mask = algorithms.advantages(algo, replace(cfg, train_branches=False), batch)
+    assert not loss_mask[batch.is_branch].any()              # SPEC 5's default: branches give signal, not gradient
     assert torch.equal(loss_mask[~batch.is_branch], batch.gen_mask[~batch.is_branch])
     assert torch.all(adv[~loss_mask] == 0)
 

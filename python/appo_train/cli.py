@@ -138,9 +138,11 @@ def compare(argv: list[str]) -> int:
             row[f"{key}_std"] = statistics.pstdev(vals)
             row[f"{key}_min"], row[f"{key}_max"] = min(vals), max(vals)
         row["success_before"] = statistics.mean(s["success_before"] for s in runs)
+        forks = [s["post_answer_forks"] for s in runs if s.get("post_answer_forks") is not None]
+        row["post_answer_forks"] = statistics.mean(forks) if forks else "-"
         rows.append(row)
     cols = ["algo", "seeds", "gen_tokens", "steps", "success_before", "success_mean", "success_std", "success_min",
-            "success_max", "reward_mean", "reward_std", "tool_calls_mean", "tool_calls_std"]
+            "success_max", "reward_mean", "reward_std", "tool_calls_mean", "tool_calls_std", "post_answer_forks"]
     table = _table(rows, cols)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({"summary": rows, "runs": summaries}, indent=1))

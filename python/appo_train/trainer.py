@@ -172,6 +172,11 @@ def _candidate_share(scores) -> float | None:
     return float(scores.candidate.sum()) / max(int(torch.isfinite(scores.score).sum()), 1)
 
 
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def _trajectory(config: dict) -> dict:
     """The settings that decide a run's trajectory: a checkpoint resumes only under the same ones (where it is
     kept and when it stops may change, so a finished run can be extended to a larger budget)."""
@@ -383,4 +388,5 @@ class Trainer:
                 "rl_minutes": round(sum(r.get("time_s", 0.0) for r in self.records) / 60, 2),
                 "success_before": first["eval_success"], "success": last_eval["eval_success"],
                 "reward_before": first["eval_reward"], "reward": last_eval["eval_reward"],
-                "tool_calls": last_eval["eval_tool_calls"], "format": last_eval["eval_format"]}
+                "tool_calls": last_eval["eval_tool_calls"], "format": last_eval["eval_format"],
+                "post_answer_forks": _mean(r.get("post_answer_forks") for r in self.records)}
