@@ -98,7 +98,7 @@ def test_kv_cache_generation_matches_a_full_forward():
     rng = random.Random(0)
     tasks = [make_task(rng) for _ in range(5)]
     demo = [solution_trace(t, rng) for t in tasks]
-    rows = algorithms.prompt_rows(tasks, 2, TOK, 3)
+    rows = algorithms.prompt_rows(tasks, 2, TOK, 3, key=("test",))
     for i in range(3):                                   # branch-like rows: a demonstration prefix
         ids, kinds = _prompt(tasks[i])
         resp = TOK.encode(demo[i])
@@ -121,15 +121,20 @@ def test_kv_cache_generation_matches_a_full_forward():
     assert checked > 100
 
 
-def test_sampling_is_deterministic_for_a_seed():
+def test_sampling_is_deterministic_and_independent_of_the_batch():
+    # Each row has its own random stream: the same rows sampled together, in another order, or in two
+    # halves give the same tokens (what makes sharding prompts over ranks exact).
     model = build_policy(TOK, TINY, seed=2)
-    tasks = [make_task(random.Random(5)) for _ in range(3)]
+    rng = random.Random(5)
+    tasks = [make_task(rng) for _ in range(4)]
 
-    def sample(seed):
-        rows = algorithms.prompt_rows(tasks, 3, TOK, 3)
-        generate(model, rows, tasks, TOK, max_new=30, budget=3, generator=torch.Generator().manual_seed(seed))
-        return [r.tokens for r in rows]
-    assert sample(7) == sample(7) != sample(8)
+    def sample(seed, groups):
+        rows = algorithms.prompt_rows(tasks, 3, TOK, 3, (seed,), groups)
+        generate(model, rows, tasks, TOK, max_new=30, budget=3)
+        return {(r.task, r.seed): r.tokens for r in rows}
+    together = sample(7, [0, 1, 2, 3])
+    assert together == sample(7, [3, 1, 0, 2]) == sample(7, [0, 2]) | sample(7, [1, 3])
+    assert together != sample(8, [0, 1, 2, 3])
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +147,7 @@ def warm(tmp_path_factory):
 def _collect(trainer, algo, omega_model=None):
     cfg = replace(trainer.cfg, algo=algo)
     tasks = [make_task(random.Random(11 + i)) for i in range(cfg.prompts_per_step)]
-    return cfg, algorithms.collect(algo, cfg, trainer.model, tasks, TOK, torch.Generator().manual_seed(0),
-                                   random.Random(0), omega_model)
+    return cfg, algorithms.collect(algo, cfg, trainer.model, tasks, TOK, (0, 0), omega_model=omega_model)
 
 
 @pytest.mark.parametrize("algo", ["appo", "appo-entropy"])

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +19,9 @@ from torch import Tensor
 
 import appo_kernels as ak
 
+from . import seeding
 from .policy import GEN, PROMPT, TOOL, Rollout, generate, pad_batch, start_rollout, token_logits
+from .seeding import derive_seed
 from .tasks import Episode, Task, score_response
 from .tokenizer import CharTokenizer
 
@@ -61,22 +62,25 @@ def token_stats(model: torch.nn.Module, tokens: Tensor, attention: Tensor, mask:
     return ak.token_stats(logits, torch.where(mask, tokens, -100), backend=backend)
 
 
-def prompt_rows(tasks: list[Task], counts: int | list[int], tok: CharTokenizer, budget: int) -> list[Rollout]:
-    """Fresh rows from the prompts: `counts` rows per task (one int for all, or one per task)."""
+def prompt_rows(tasks: list[Task], counts: int | dict[int, int], tok: CharTokenizer, budget: int, key: tuple,
+                groups: list[int] | None = None) -> list[Rollout]:
+    """Fresh rows for the prompts `groups` (default: all): `counts` rows each (an int, or one per group), row j
+    of prompt g sampling from the stream (*key, g, j)."""
     rows = []
-    for i, task in enumerate(tasks):
-        ids = [tok.bos_id] + tok.encode(task.prompt)
-        n = counts if isinstance(counts, int) else counts[i]
-        rows += [start_rollout(i, ids, [PROMPT] * len(ids), len(ids), tasks, tok, budget) for _ in range(n)]
+    for g in range(len(tasks)) if groups is None else groups:
+        ids = [tok.bos_id] + tok.encode(tasks[g].prompt)
+        n = counts if isinstance(counts, int) else counts[g]
+        rows += [start_rollout(g, ids, [PROMPT] * len(ids), len(ids), tasks, tok, budget, seed=derive_seed(*key, g, j))
+                 for j in range(n)]
     return rows
 
 
-def fork(rows: list[Rollout], parent: int, position: int, tasks: list[Task], tok: CharTokenizer,
-         budget: int) -> Rollout:
+def fork(rows: list[Rollout], parent: int, position: int, tasks: list[Task], tok: CharTokenizer, budget: int,
+         seed: int) -> Rollout:
     """A branch that keeps tokens 0..position of `parent` (tool results included) and samples the rest."""
     p = rows[parent]
     return start_rollout(p.task, p.tokens[:position + 1], p.kinds[:position + 1], p.prompt_len, tasks, tok, budget,
-                         parent=parent, split=position)
+                         parent=parent, split=position, seed=seed)
 
 
 def _finish(tasks, rows, tok, **extra) -> StepBatch:
@@ -94,20 +98,23 @@ def branch_eligible(tokens: Tensor, kinds: Tensor, tok: CharTokenizer, max_new: 
     return gen & (tokens != tok.eos_id) & (gen.cumsum(1) < max_new)
 
 
-def collect(algo: str, cfg, model, tasks: list[Task], tok: CharTokenizer, gen: torch.Generator,
-            rng: random.Random, omega_model=None) -> StepBatch:
-    """Generate one step's rollouts for `algo` at `cfg.rollouts_per_prompt` rollouts per prompt.
+def collect(algo: str, cfg, model, tasks: list[Task], tok: CharTokenizer, key: tuple,
+            groups: list[int] | None = None, omega_model=None) -> StepBatch:
+    """Generate one step's rollouts for `algo` at `cfg.rollouts_per_prompt` rollouts per prompt, for the
+    prompts `groups` (default: all; a data-parallel rank passes the ones it owns). Every random choice is
+    keyed by (*key, what, prompt, slot), so a prompt's rollouts do not depend on which rank or batch runs it.
 
     `omega_model` (APPO) gives logp_old for Omega: the previous policy, the reference, or None for the
     behaviour policy (the sampler itself) or for the entropy-only ablation."""
+    groups = list(range(len(tasks))) if groups is None else groups
     n = cfg.rollouts_per_prompt
-    sample = {"max_new": cfg.max_new_tokens, "budget": cfg.tool_budget, "temperature": cfg.temperature,
-              "generator": gen}
+    budget = cfg.tool_budget
+    sample = {"max_new": cfg.max_new_tokens, "budget": budget, "temperature": cfg.temperature}
     if algo == "grpo":
-        rows = generate(model, prompt_rows(tasks, n, tok, cfg.tool_budget), tasks, tok, **sample)
+        rows = generate(model, prompt_rows(tasks, n, tok, budget, (*key, "init"), groups), tasks, tok, **sample)
         return _finish(tasks, rows, tok)
     n_init = n // 2
-    rows = generate(model, prompt_rows(tasks, n_init, tok, cfg.tool_budget), tasks, tok, **sample)
+    rows = generate(model, prompt_rows(tasks, n_init, tok, budget, (*key, "init"), groups), tasks, tok, **sample)
     tokens, attention, kinds = pad_batch(rows, tok.pad_id)
     gen_mask = kinds == GEN
     eligible = branch_eligible(tokens, kinds, tok, cfg.max_new_tokens)
@@ -115,10 +122,15 @@ def collect(algo: str, cfg, model, tasks: list[Task], tok: CharTokenizer, gen: t
         logits = token_logits(model, tokens, attention)
         if algo == "arpo":
             entropy = ak.token_stats(logits, torch.where(gen_mask, tokens, -100), backend=cfg.backend).entropy
-            forks = _arpo_forks(rows, kinds, entropy, eligible, len(tasks), n - n_init, rng)
-            extra = [fork(rows, i, t, tasks, tok, cfg.tool_budget) for i, t in forks]
-            unspent = [n - n_init - sum(rows[i].task == g for i, _ in forks) for g in range(len(tasks))]
-            extra += prompt_rows(tasks, unspent, tok, cfg.tool_budget)
+            forks = _arpo_forks(rows, kinds, entropy, n - n_init, key)
+            slot = dict.fromkeys(groups, 0)
+            extra = []
+            for i, t in forks:
+                g = rows[i].task
+                extra.append(fork(rows, i, t, tasks, tok, budget, derive_seed(*key, "branch", g, slot[g])))
+                slot[g] += 1
+            unspent = {g: n - n_init - slot[g] for g in groups}
+            extra += prompt_rows(tasks, unspent, tok, budget, (*key, "extra"), groups)
             rows += generate(model, extra, tasks, tok, **sample)
             return _finish(tasks, rows, tok, forks=forks)
         logp_old = None                 # entropy-only: the ablation, and APPO's first step under prev_policy
@@ -130,21 +142,27 @@ def collect(algo: str, cfg, model, tasks: list[Task], tok: CharTokenizer, gen: t
                                     temperature=cfg.temperature, backend=cfg.backend)
     group = torch.tensor([r.task for r in rows])
     bp = ak.select_branch_points(scores.score, scores.candidate, group, n - n_init, num_groups=len(tasks))
-    forks = [(int(i), int(t)) for i, t, ok in zip(bp.rollout.flatten(), bp.position.flatten(),
-                                                   bp.valid.repeat_interleave(n - n_init)) if ok]
-    strength = [float(s) for s, ok in zip(bp.score.flatten(), bp.valid.repeat_interleave(n - n_init)) if ok]
-    branches = generate(model, [fork(rows, i, t, tasks, tok, cfg.tool_budget) for i, t in forks], tasks, tok,
-                        **sample)
-    rows += branches
-    branch_score = torch.tensor([0.0] * n_init * len(tasks) + strength, dtype=torch.float32)
+    forks, strength, branches = [], [], []
+    for g in groups:
+        for j in range(n - n_init):
+            if bool(bp.valid[g, j]):
+                i, t = int(bp.rollout[g, j]), int(bp.position[g, j])
+                forks.append((i, t))
+                strength.append(float(bp.score[g, j]))
+                branches.append(fork(rows, i, t, tasks, tok, budget, derive_seed(*key, "branch", g, j)))
+    n_initial = len(rows)
+    rows += generate(model, branches, tasks, tok, **sample)
+    branch_score = torch.tensor([0.0] * n_initial + strength, dtype=torch.float32)
     return _finish(tasks, rows, tok, scores=scores, branch_score=branch_score, forks=forks)
 
 
-def _arpo_forks(rows: list[Rollout], kinds: Tensor, entropy: Tensor, eligible: Tensor, num_tasks: int,
-                budget: int, rng: random.Random) -> list[tuple[int, int]]:
-    """ARPO's entropy-triggered forks after tool results, at most `budget` per prompt (SPEC 9)."""
-    per_task: list[list[tuple[int, int, float]]] = [[] for _ in range(num_tasks)]
+def _arpo_forks(rows: list[Rollout], kinds: Tensor, entropy: Tensor, budget: int,
+                key: tuple) -> list[tuple[int, int]]:
+    """ARPO's entropy-triggered forks after tool results, at most `budget` per prompt (SPEC 9); the coin
+    flips of prompt g come from the stream (*key, "arpo", g)."""
+    per_task: dict[int, list[tuple[int, int, float]]] = {}
     for i, r in enumerate(rows):
+        cands = per_task.setdefault(r.task, [])
         gen_pos = torch.nonzero(kinds[i] == GEN).flatten()
         if not len(gen_pos):
             continue
@@ -154,13 +172,14 @@ def _arpo_forks(rows: list[Rollout], kinds: Tensor, entropy: Tensor, eligible: T
         for t in ends:
             after = gen_pos[gen_pos > t][:ARPO_WINDOW]
             dh = float(entropy[i, after].mean() - h0)
-            per_task[r.task].append((i, t, min(max(0.5 + 0.2 * dh, 0.0), 1.0)))
+            cands.append((i, t, min(max(0.5 + 0.2 * dh, 0.0), 1.0)))
     forks = []
-    for cands in per_task:
-        rng.shuffle(cands)
+    for g, cands in per_task.items():
+        coins = seeding.rng(*key, "arpo", g)
+        coins.shuffle(cands)
         taken = 0
         for i, t, p in cands:
-            if taken < budget and rng.random() < p:
+            if taken < budget and coins.random() < p:
                 forks.append((i, t))
                 taken += 1
     return forks

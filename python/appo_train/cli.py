@@ -5,13 +5,18 @@
     appo-train compare                GRPO, ARPO, APPO and the entropy-only ablation on 3 seeds at an equal
                                       budget of generated tokens; writes a results table
     appo-train report --out DIR       rebuild the plots and the HTML report of a run or comparison
+    torchrun --standalone --nproc_per_node 2 -m appo_train ...
+                                      the same run data-parallel over 2 processes (gloo): prompts sharded,
+                                      gradients summed, the same result as one process for the same seed
 
 A run killed at any point resumes from its last checkpoint when started again with the same arguments.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -20,7 +25,7 @@ from pathlib import Path
 
 from .algorithms import ALGORITHMS, OMEGA_SOURCES
 
-SMOKE = dict(sft_examples=400, sft_steps=40, prompts_per_step=4, rollouts_per_prompt=8, minibatch_prompts=2,
+SMOKE = dict(sft_examples=1000, sft_steps=200, prompts_per_step=4, rollouts_per_prompt=8, minibatch_prompts=2,
              token_budget=2500, eval_prompts=16, eval_samples=1, eval_every=2,
              policy=dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64))
 
@@ -84,6 +89,22 @@ def _write_report(out: Path, run_dirs: list[Path], summary_rows: list[dict], tit
     return images + [html]
 
 
+@contextlib.contextmanager
+def _distributed():
+    """Under torchrun (WORLD_SIZE > 1): a gloo process group for the run (the trainer runs on CPU), torn down
+    after it; yields this process's rank (0 without torchrun)."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield 0
+        return
+    dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank()
+        dist.barrier()                  # every rank done with its collectives before the group goes away
+    finally:
+        dist.destroy_process_group()
+
+
 def train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="appo-train", description="Warm start, then RL with one algorithm.")
     p.add_argument("--algo", choices=ALGORITHMS, default="appo")
@@ -93,7 +114,10 @@ def train(argv: list[str]) -> int:
     from .trainer import Trainer
     cfg = _config(args, out_dir=args.out_dir or f"runs/{args.algo}{'-smoke' if args.smoke else ''}")
     t0 = time.perf_counter()
-    summary = Trainer(cfg, progress=args.progress).run()
+    with _distributed() as rank:
+        summary = Trainer(cfg, progress=args.progress).run()
+    if rank > 0:
+        return 0
     summary["minutes"] = round((time.perf_counter() - t0) / 60, 2)
     out = Path(cfg.out_dir)
     paths = _write_report(out, [out], [summary], f"appo-train: {cfg.algo}, seed {cfg.seed}",

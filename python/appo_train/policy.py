@@ -58,6 +58,7 @@ class Rollout:
     truncated: bool = False
     parent: int = -1
     split: int = -1
+    seed: int = 0                      # this row's own sampling stream (see seeding.py)
     pending: list[int] = field(default_factory=list, repr=False)
 
     @property
@@ -80,9 +81,11 @@ def _append_tool_result(r: Rollout, tasks: list[Task], tok: CharTokenizer, budge
 
 
 def start_rollout(task: int, tokens: list[int], kinds: list[int], prompt_len: int, tasks: list[Task],
-                  tok: CharTokenizer, budget: int, *, parent: int = -1, split: int = -1) -> Rollout:
-    """A row that continues `tokens` (a prompt, or a branch prefix whose tool results are reused)."""
-    r = Rollout(task, list(tokens), list(kinds), prompt_len, parent=parent, split=split, pending=list(tokens))
+                  tok: CharTokenizer, budget: int, *, parent: int = -1, split: int = -1, seed: int = 0) -> Rollout:
+    """A row that continues `tokens` (a prompt, or a branch prefix whose tool results are reused), sampled
+    from its own random stream `seed`."""
+    r = Rollout(task, list(tokens), list(kinds), prompt_len, parent=parent, split=split, seed=seed,
+                pending=list(tokens))
     r.calls = sum(1 for t, k in zip(tokens, kinds) if k == GEN and t == tok.end_call_id)
     if kinds[-1] == GEN and tokens[-1] == tok.end_call_id:
         r.calls -= 1                      # counted again by the tool run below
@@ -96,14 +99,15 @@ def _finished(r: Rollout, tok: CharTokenizer, max_new: int) -> bool:
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, rows: list[Rollout], tasks: list[Task], tok: CharTokenizer, *,
-             max_new: int, budget: int, temperature: float = 1.0, generator: torch.Generator | None = None,
-             greedy: bool = False) -> list[Rollout]:
+             max_new: int, budget: int, temperature: float = 1.0, greedy: bool = False) -> list[Rollout]:
     """Sample every row to <eos> or `max_new` generated tokens, running tool calls as they are emitted.
 
-    Rows are modified in place and returned. Sampling uses `generator` (deterministic for a seed)."""
+    Rows are modified in place and returned. Each row draws from its own stream (`Rollout.seed`, inverse-CDF
+    sampling), so what a row samples does not depend on which other rows share its batch."""
     from transformers import DynamicCache
     model.eval()
     slots = [i for i, r in enumerate(rows) if not _finished(r, tok, max_new)]   # rows in cache order
+    streams = {i: torch.Generator().manual_seed(rows[i].seed) for i in slots}
     live = [True] * len(slots)
     cache = DynamicCache(config=model.config)
     attn = torch.zeros(len(slots), 0, dtype=torch.long)
@@ -123,7 +127,9 @@ def generate(model: torch.nn.Module, rows: list[Rollout], tasks: list[Task], tok
         if greedy:
             nxt = logits.argmax(-1)
         else:
-            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+            cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
+            u = torch.stack([torch.rand((), generator=streams[i]) for i in slots]) * cdf[:, -1]
+            nxt = torch.searchsorted(cdf, u[:, None]).clamp(max=cdf.shape[1] - 1)[:, 0]
         for b, i in enumerate(slots):
             if not live[b]:
                 continue

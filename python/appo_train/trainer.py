@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import appo_kernels as ak
 
-from . import algorithms
+from . import algorithms, seeding
 from .algorithms import ALGORITHMS, OMEGA_SOURCES, StepBatch
 from .policy import GEN, PROMPT, TOOL, PolicyConfig, build_policy, generate
 from .tasks import TASK_VERSION, demonstrations, make_task
@@ -88,13 +89,26 @@ class TrainConfig:
                                                                        "tasks": TASK_VERSION}
 
 
-def _seed(*key) -> int:
-    """A 63-bit seed derived from `key`, the same in every process (unlike hash() of a str)."""
-    return random.Random(repr(key)).getrandbits(63)
+def world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed job this process is in; (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def _generator(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*key))
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sums over the ranks (float64; the values themselves in a single process)."""
+    if world()[1] == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _shard(n: int) -> list[int]:
+    """The items of 0..n-1 this rank owns (round robin)."""
+    rank, size = world()
+    return list(range(rank, n, size))
 
 
 def _encode_demo(tok: CharTokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -114,16 +128,31 @@ def warm_start(cfg: TrainConfig, tok: CharTokenizer, progress: bool = True) -> d
     prompt masked out), via `appo_kernels.token_stats`. Cached in `cfg.sft_cache` (or out_dir/sft.pt)."""
     from tqdm.auto import tqdm
     path = Path(cfg.sft_cache or Path(cfg.out_dir) / "sft.pt")
+    rank, size = world()
+    if size > 1 and rank > 0:                  # rank 0 trains (or loads) the warm start; the others load it
+        dist.barrier()
+        return torch.load(path, weights_only=False)["model"]
+    state = _cached_warm_start(path, cfg) or _train_warm_start(cfg, tok, progress, path, tqdm)
+    if size > 1:
+        dist.barrier()
+    return state
+
+
+def _cached_warm_start(path: Path, cfg: TrainConfig) -> dict | None:
     if path.exists():
         saved = torch.load(path, weights_only=False)
         if saved["key"] == cfg.sft_key():
             return saved["model"]
+    return None
+
+
+def _train_warm_start(cfg: TrainConfig, tok: CharTokenizer, progress: bool, path: Path, tqdm) -> dict:
     model = build_policy(tok, cfg.policy, cfg.seed)
     demos = [_encode_demo(tok, t.prompt, r) for t, r in demonstrations(cfg.sft_examples, cfg.seed, cfg.mistake_rate)]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.sft_steps)))
-    gen = _generator(cfg.seed, -1)
+    gen = seeding.generator(cfg.seed, "sft")
     model.train()
     bar = tqdm(range(cfg.sft_steps), desc="warm start (SFT)", disable=not progress, dynamic_ncols=True,
                mininterval=1.0)
@@ -152,24 +181,19 @@ def warm_start(cfg: TrainConfig, tok: CharTokenizer, progress: bool = True) -> d
 
 @torch.no_grad()
 def evaluate(model, cfg: TrainConfig, tok: CharTokenizer) -> dict:
-    """Sampled (temperature 1) success, reward and tool calls on the fixed held-out prompts."""
+    """Sampled (temperature 1) success, reward and tool calls on the fixed held-out prompts (sharded over the
+    ranks of a data-parallel run; every prompt and sample keeps its own random stream)."""
     rng = random.Random(EVAL_SEED)
     tasks = [make_task(rng) for _ in range(cfg.eval_prompts)]
-    rows = generate(model, algorithms.prompt_rows(tasks, cfg.eval_samples, tok, cfg.tool_budget), tasks, tok,
-                    max_new=cfg.max_new_tokens, budget=cfg.tool_budget, temperature=cfg.temperature,
-                    generator=_generator(EVAL_SEED, cfg.seed))
+    rows = algorithms.prompt_rows(tasks, cfg.eval_samples, tok, cfg.tool_budget, (EVAL_SEED, cfg.seed, "eval"),
+                                  _shard(len(tasks)))
+    generate(model, rows, tasks, tok, max_new=cfg.max_new_tokens, budget=cfg.tool_budget,
+             temperature=cfg.temperature)
     eps = [algorithms.score_response(tasks[r.task], tok.decode(r.tokens[r.prompt_len:])) for r in rows]
-    return {"eval_success": sum(e.success for e in eps) / len(eps),
-            "eval_reward": sum(e.reward for e in eps) / len(eps),
-            "eval_tool_calls": sum(r.calls for r in rows) / len(rows),
-            "eval_format": sum(e.well_formed for e in eps) / len(eps)}
-
-
-def _candidate_share(scores) -> float | None:
-    """Share of the eligible (finite-score) tokens that passed APPO's candidate filter."""
-    if scores is None:
-        return None
-    return float(scores.candidate.sum()) / max(int(torch.isfinite(scores.score).sum()), 1)
+    n, success, reward, calls, fmt = all_sum([len(eps), sum(e.success for e in eps), sum(e.reward for e in eps),
+                                              sum(r.calls for r in rows), sum(e.well_formed for e in eps)])
+    return {"eval_success": success / n, "eval_reward": reward / n, "eval_tool_calls": calls / n,
+            "eval_format": fmt / n}
 
 
 def _mean(values) -> float | None:
@@ -183,6 +207,17 @@ def _trajectory(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("out_dir", "token_budget", "max_steps", "sft_cache")}
 
 
+def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients over the ranks in one flat all-reduce (a rank without rows contributes zeros)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -194,11 +229,12 @@ class Trainer:
     out_dir/checkpoint.pt when present, and trains until the token budget (or max_steps) is spent."""
 
     def __init__(self, cfg: TrainConfig, progress: bool = True):
-        self.cfg, self.progress = cfg, progress
+        self.rank, self.world_size = world()
+        self.cfg, self.progress = cfg, progress and self.rank == 0
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.tok = CharTokenizer()
-        sft = warm_start(cfg, self.tok, progress)
+        sft = warm_start(cfg, self.tok, self.progress)
         self.model = build_policy(self.tok, cfg.policy, cfg.seed)
         self.model.load_state_dict(sft)
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -226,6 +262,8 @@ class Trainer:
         self._write_metrics()
 
     def _checkpoint(self) -> None:
+        if self.rank > 0:                      # every rank holds the same state; rank 0 keeps it
+            return
         _atomic_save({"config": asdict(self.cfg), "model": self.model.state_dict(),
                       "optimizer": self.opt.state_dict(),
                       "prev": None if self.prev is None else self.prev.state_dict(),
@@ -233,6 +271,8 @@ class Trainer:
                      self.out / "checkpoint.pt")
 
     def _write_metrics(self) -> None:
+        if self.rank > 0:
+            return
         with open(self.out / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.records)
         keys = list(dict.fromkeys(k for r in self.records for k in r))
@@ -277,12 +317,15 @@ class Trainer:
                 "entropy": None, **out}
 
     def train_step(self) -> tuple[dict, StepBatch, torch.Tensor]:
+        """Sample, score, branch and update once. In a data-parallel run every rank draws the same prompts,
+        generates, scores and branches only the ones it owns, and the update sums the gradients over ranks:
+        the result is the single-process one for the same seed (up to float rounding)."""
         cfg, step = self.cfg, self.step
-        rng = random.Random(_seed(cfg.seed, step, "tasks"))
-        gen = _generator(cfg.seed, step)
+        rng = seeding.rng(cfg.seed, step, "tasks")
         tasks = [make_task(rng) for _ in range(cfg.prompts_per_step)]
         omega_model = {"prev_policy": self.prev, "reference": self.ref, "behavior": None}[cfg.omega_source]
-        batch = algorithms.collect(cfg.algo, cfg, self.model, tasks, self.tok, gen, rng, omega_model)
+        batch = algorithms.collect(cfg.algo, cfg, self.model, tasks, self.tok, (cfg.seed, step),
+                                   _shard(len(tasks)), omega_model)
         adv, loss_mask = algorithms.advantages(cfg.algo, cfg, batch)
         with torch.no_grad():
             self.model.eval()
@@ -290,58 +333,72 @@ class Trainer:
                                                cfg.backend)
             logp_ref = algorithms.token_stats(self.ref, batch.tokens, batch.attention, loss_mask, cfg.backend).logp
         self.prev = copy.deepcopy(self.model).eval().requires_grad_(False)
-        losses = self._update(batch, adv, loss_mask, behaviour.logp, logp_ref, gen)
+        losses = self._update(batch, adv, loss_mask, behaviour.logp, logp_ref,
+                              seeding.generator(cfg.seed, step, "minibatches"))
         self.step += 1
-        new_tokens = sum(r.num_generated - (0 if r.parent < 0 else sum(k == GEN for k in r.kinds[:r.split + 1]))
-                         for r in batch.rows)
-        self.gen_tokens += new_tokens
-        gen_mask = batch.gen_mask & ~batch.is_branch[:, None]
+        initial = batch.gen_mask & ~batch.is_branch[:, None]
+        sc = batch.scores
+        (rows, new_tokens, reward, success, calls, fmt, ent_sum, ent_n, branches, cand, eligible, forks,
+         wasted) = all_sum([
+            len(batch.rows),
+            sum(r.num_generated - (0 if r.parent < 0 else sum(k == GEN for k in r.kinds[:r.split + 1]))
+                for r in batch.rows),
+            float(batch.rewards.sum()), sum(e.success for e in batch.episodes), sum(r.calls for r in batch.rows),
+            sum(e.well_formed for e in batch.episodes), float(behaviour.entropy[initial].sum()), int(initial.sum()),
+            int(batch.is_branch.sum()), 0 if sc is None else int(sc.candidate.sum()),
+            0 if sc is None else int(torch.isfinite(sc.score).sum()), len(batch.forks), self._post_answer(batch)])
+        self.gen_tokens += int(new_tokens)
         record = {"algo": cfg.algo, "seed": cfg.seed, "step": self.step, "gen_tokens": self.gen_tokens,
-                  "reward": batch.rewards.mean().item(),
-                  "success": sum(e.success for e in batch.episodes) / len(batch.episodes),
-                  "tool_calls": sum(r.calls for r in batch.rows) / len(batch.rows),
-                  "entropy": (behaviour.entropy[gen_mask].mean().item() if gen_mask.any() else None),
-                  "format": sum(e.well_formed for e in batch.episodes) / len(batch.episodes),
-                  "branches": int(batch.is_branch.sum()),
-                  "candidate_share": _candidate_share(batch.scores),
-                  "post_answer_forks": self._post_answer_share(batch),
-                  **losses}
+                  "reward": reward / rows, "success": success / rows, "tool_calls": calls / rows,
+                  "entropy": ent_sum / ent_n if ent_n else None, "format": fmt / rows, "branches": int(branches),
+                  "candidate_share": cand / eligible if sc is not None and eligible else None,
+                  "post_answer_forks": wasted / forks if forks else None, "ranks": self.world_size, **losses}
         return record, batch, adv
 
     def _update(self, batch: StepBatch, adv, loss_mask, logp_old, logp_ref, gen) -> dict:
-        """One PPO epoch over mini-batches of prompts (rows without trainable tokens are skipped)."""
+        """One PPO epoch over mini-batches of prompts. Each rank computes its rows' share of the mini-batch's
+        token-mean loss (divided by the token count over all ranks); the gradients are summed over ranks,
+        so the step equals the single-process one. Rows without trainable tokens are skipped."""
         cfg = self.cfg
         self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
         order = torch.randperm(len(batch.tasks), generator=gen)
         sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
         n = 0
         for start in range(0, len(order), cfg.minibatch_prompts):
             groups = order[start:start + cfg.minibatch_prompts]
             rows = torch.nonzero(torch.isin(batch.group, groups) & loss_mask.any(1)).flatten()
-            if not len(rows):
+            local_tokens = int(loss_mask[rows].sum())
+            (tokens,) = all_sum([local_tokens])
+            if not tokens:
                 continue
-            width = int(batch.attention[rows].sum(1).max())
-            tok, att, lm = batch.tokens[rows, :width], batch.attention[rows, :width], loss_mask[rows, :width]
-            lp_old, a = logp_old[rows, :width], adv[rows, :width]
-            logp = algorithms.token_stats(self.model, tok, att, lm, cfg.backend).logp
-            if cfg.algo in ("appo", "appo-entropy") and cfg.future_kl:
-                a = ak.future_kl_weights(logp.detach(), lp_old, a, lm, backend=cfg.backend).advantages
-            out = ak.policy_loss(logp, lp_old, a, lm, logp_ref=logp_ref[rows, :width], kl_coef=cfg.kl_coef)
             self.opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            local = [0.0, 0.0, 0.0]
+            if len(rows):
+                width = int(batch.attention[rows].sum(1).max())
+                tok, att, lm = batch.tokens[rows, :width], batch.attention[rows, :width], loss_mask[rows, :width]
+                lp_old, a = logp_old[rows, :width], adv[rows, :width]
+                logp = algorithms.token_stats(self.model, tok, att, lm, cfg.backend).logp
+                if cfg.algo in ("appo", "appo-entropy") and cfg.future_kl:
+                    a = ak.future_kl_weights(logp.detach(), lp_old, a, lm, backend=cfg.backend).advantages
+                out = ak.policy_loss(logp, lp_old, a, lm, logp_ref=logp_ref[rows, :width], kl_coef=cfg.kl_coef,
+                                     token_count=tokens)
+                out.loss.backward()
+                local = [out.loss.item(), out.kl.item() * local_tokens, out.clip_fraction.item() * local_tokens]
+            if self.world_size > 1:
+                _all_reduce_grads(params)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             self.opt.step()
-            sums["loss"] += out.loss.item()
-            sums["kl"] += out.kl.item()
-            sums["clip_fraction"] += out.clip_fraction.item()
+            loss, kl, clip = all_sum(local)
+            sums["loss"] += loss
+            sums["kl"] += kl / tokens
+            sums["clip_fraction"] += clip / tokens
             n += 1
         return {k: v / max(n, 1) for k, v in sums.items()}
 
-    def _post_answer_share(self, batch: StepBatch) -> float | None:
-        """Share of the forks placed after the answer was complete (on the sign-off decoy or the space before
+    def _post_answer(self, batch: StepBatch) -> int:
+        """How many forks were placed after the answer was complete (on the sign-off decoy or the space before
         it): a branch from there can only re-sample what does not matter."""
-        if not batch.forks:
-            return None
         space = self.tok.encode(" ")[0]
         wasted = 0
         for i, t in batch.forks:
@@ -349,18 +406,21 @@ class Trainer:
             ans = max((j for j, x in enumerate(toks) if x == self.tok.ans_id), default=None)
             sign = next((j for j in range(ans, len(toks)) if toks[j] == space), None) if ans is not None else None
             wasted += sign is not None and t >= sign
-        return wasted / len(batch.forks)
+        return wasted
 
     # --- report material ---------------------------------------------------------------------------------
     def _save_samples(self, batch: StepBatch, adv: torch.Tensor) -> None:
         """The first `sample_groups` prompts of this step, token by token, for the HTML report."""
+        if self.rank > 0:
+            return
+        shown = set(sorted({r.task for r in batch.rows})[:self.cfg.sample_groups])
         sc = batch.scores
         n_scored = 0 if sc is None else sc.score.shape[0]
         chosen = set(batch.forks)
         out = []
         kind_name = {PROMPT: "prompt", GEN: "gen", TOOL: "tool"}
         for i, r in enumerate(batch.rows):
-            if r.task >= self.cfg.sample_groups:
+            if r.task not in shown:
                 continue
             ep = batch.episodes[i]
             toks = []
