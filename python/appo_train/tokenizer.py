@@ -4,8 +4,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 # Special tokens are single ids; everything else is one character.
-PAD, BOS, EOS, CALL, END_CALL, RES, END_RES, ANS = "<pad>", "<bos>", "<eos>", "<call>", "</call>", "<res>", "</res>", "<ans>"
-SPECIALS = (PAD, BOS, EOS, CALL, END_CALL, RES, END_RES, ANS)
+PAD, BOS, EOS, ANS = "<pad>", "<bos>", "<eos>", "<ans>"
+CALL, END_CALL, RES, END_RES = "<call>", "</call>", "<res>", "</res>"
+SPECIALS = (PAD, BOS, EOS, CALL, END_CALL, RES, END_RES, ANS)    # ids 0..7, in this order
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz +-*:?"
 
 
