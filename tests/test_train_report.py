@@ -9,7 +9,6 @@ import itertools
 import math
 import random
 import re
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import ClassVar
@@ -18,10 +17,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
-try:
-    import appo_train  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).parents[1] / "python"))
 
 from appo_train import report
 from matplotlib.image import imread
