@@ -293,3 +293,10 @@ def test_cli_compare_writes_a_results_table(tmp_path):
     assert sorted((r["algo"], r["seed"]) for r in runs) == [("appo", 0), ("appo", 1), ("grpo", 0), ("grpo", 1)]
     assert all(r["gen_tokens"] >= SMOKE["token_budget"] for r in runs)
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
+
+
+def test_more_ranks_than_prompts_is_refused(tmp_path, monkeypatch):
+    import appo_train.trainer as trainer_module
+    monkeypatch.setattr(trainer_module, "world", lambda: (0, 8))
+    with pytest.raises(ValueError, match=r"prompts_per_step: expected at least one prompt per rank \(8 ranks\)"):
+        Trainer(smoke_config(tmp_path), progress=False)

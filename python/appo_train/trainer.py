@@ -230,6 +230,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.rank, self.world_size = world()
+        if self.world_size > min(cfg.prompts_per_step, cfg.eval_prompts):
+            raise ValueError(f"prompts_per_step: expected at least one prompt per rank ({self.world_size} ranks), "
+                             f"got prompts_per_step={cfg.prompts_per_step}, eval_prompts={cfg.eval_prompts}")
         self.cfg, self.progress = cfg, progress and self.rank == 0
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
