@@ -154,3 +154,19 @@ def mask_as(mask, kind):
     """A bool mask in one of the accepted encodings: bool, integer 0/1 or float 0/1."""
     return {"bool": mask.bool(), "int64": mask.long(), "int32": mask.int(), "uint8": mask.to(torch.uint8),
             "float32": mask.float()}[kind]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# docs
+# ----------------------------------------------------------------------------------------------------------
+
+def run_docs_example(page: str, timeout: int = 600):
+    """Run the last ```python block of docs/<page> in a fresh interpreter; returns the CompletedProcess."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text()
+    example = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[-1]
+    return subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=timeout,
+                          check=False)

@@ -1,0 +1,363 @@
+"""TRL: APPO as a `GRPOTrainer` subclass.
+
+    from appo_kernels.integrations.trl import APPOConfig, APPOTrainer
+    args = APPOConfig(output_dir="out", num_generations=16, appo_num_initial=8)
+    trainer = APPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=my_reward, args=args,
+                          train_dataset=dataset)
+    trainer.train()
+
+What changes against GRPO (see docs/trl.md):
+
+- Rollouts go through TRL's rollout hook (`rollout_func`), driving TRL's own generation backend
+  (`transformers.generate` or vLLM): per prompt, `appo_num_initial` initial rollouts are sampled; each is
+  scored with `appo_kernels.branching_score` on the trainer's logits (Omega from `appo_omega_source`); the
+  group's fork points come from `appo_kernels.select_branch_points`; the other `num_generations -
+  appo_num_initial` rows are branches that keep the parent's completion up to and including the fork token
+  and sample a fresh continuation. A group with no usable fork point fills its slots with fresh rollouts.
+- Advantages are per token, `[B, T]`, from `appo_kernels.procedure_advantages` (dual-group normalisation,
+  prefix credit from the branches that share each token, optional branch-strength scaling); branch rows leave
+  the loss unless `appo_train_branches`.
+- The loss (`appo_loss=True`) is SPEC 6-7: future-KL advantage weighting (`appo_kernels.future_kl_weights`)
+  and the clip-higher / dual-clip surrogate with a k3 KL to the reference (`appo_kernels.policy_loss`),
+  normalised like TRL's "dapo" (token mean over the whole generation batch). With `appo_loss=False`, TRL's
+  own `loss_type` consumes the per-token advantages instead.
+
+Not supported (a clear error, not a silent fallback): TRL tools / environments (its tool loop runs after the
+rollout hook, so forks would only fall in the first turn), multimodal prompts, a user `rollout_func`,
+`scale_rewards="batch"`, `multi_objective_aggregation="normalize_then_sum"`, reward functions returning None,
+and, with `appo_loss=True`, the GRPO loss options it does not implement (sequence-level importance sampling,
+entropy masks / bonuses, off-policy masks, two-sided `delta` clipping).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .. import (branching_score, future_kl_weights, policy_loss, procedure_advantages, select_branch_points,
+                token_stats)
+from . import require
+
+_trl = require("trl", "trl")
+
+OMEGA_SOURCES = ("prev_policy", "reference", "behavior", "none")
+
+
+@dataclass
+class APPOConfig(_trl.GRPOConfig):
+    """`trl.GRPOConfig` plus APPO's settings. Defaults follow SPEC 5-8: half of `num_generations` are initial
+    rollouts, clip-higher `epsilon_high = 0.28`, dual clip c = 3, KL coefficient `beta = 0.001` (TRL then loads a
+    reference model; set `beta=0.0` to skip it)."""
+
+    appo_num_initial: int | None = field(default=None, metadata={
+        "help": "Initial rollouts per prompt; the other num_generations - appo_num_initial are branches. "
+                "None: num_generations // 2."})
+    appo_omega_source: str = field(default="prev_policy", metadata={
+        "help": "What logp_old in Omega (SPEC 2) is: 'prev_policy' (a copy of the policy from the previous "
+                "generation round, one extra model in memory; entropy-only on the first round), 'reference' "
+                "(TRL's reference model, needs beta > 0), 'behavior' (the sampler's log-probs, needs use_vllm), "
+                "or 'none' (the entropy-only ablation)."})
+    appo_branch_strength_scaling: bool = field(default=True, metadata={
+        "help": "Scale advantages before each fork by its Branching Score (SPEC 5, M)."})
+    appo_train_branches: bool = field(default=False, metadata={
+        "help": "Train branch continuations with their own group advantage (SPEC 5 option)."})
+    appo_loss: bool = field(default=True, metadata={
+        "help": "Use APPO's loss (future-KL weighting + dual clip, SPEC 6-7) instead of TRL's loss_type."})
+    appo_future_kl: bool = field(default=True, metadata={
+        "help": "With appo_loss: weight advantages by the future KL (SPEC 6)."})
+    appo_clip_ratio_c: float = field(default=3.0, metadata={"help": "Dual-clip constant c (> 1)."})
+    appo_backend: str = field(default="auto", metadata={"help": "appo_kernels backend for every op."})
+    epsilon_high: float | None = field(default=0.28, metadata={
+        "help": "Upper clip epsilon (clip-higher, SPEC 7)."})
+    beta: float = field(default=0.001, metadata={
+        "help": "KL(pi || pi_ref) coefficient, k3 estimator (SPEC 7); 0.0 loads no reference model."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.appo_omega_source not in OMEGA_SOURCES:
+            raise ValueError(f"appo_omega_source: expected one of {OMEGA_SOURCES}, got {self.appo_omega_source!r}")
+        n_init = self.appo_num_initial
+        if n_init is not None and not (isinstance(n_init, int) and 1 <= n_init < self.num_generations):
+            raise ValueError(f"appo_num_initial: expected an int in [1, num_generations - 1 = "
+                             f"{self.num_generations - 1}], got {n_init!r}")
+        if self.appo_omega_source == "behavior" and not self.use_vllm:
+            raise ValueError("appo_omega_source: 'behavior' needs the sampler's log-probs, which TRL only returns "
+                             "with use_vllm=True (transformers.generate returns none); use 'prev_policy'")
+        if self.appo_omega_source == "reference" and self.beta == 0.0:
+            raise ValueError("appo_omega_source: 'reference' needs TRL's reference model, which it loads only when "
+                             "beta > 0; got beta=0.0")
+        if self.scale_rewards not in ("group", "none"):
+            raise ValueError(f"scale_rewards: APPO normalises within (prompt, initial/branch) groups, so 'group' "
+                             f"or 'none' (SPEC 5); got {self.scale_rewards!r}")
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(f"multi_objective_aggregation: APPO needs one scalar reward per completion, so "
+                             f"'sum_then_normalize'; got {self.multi_objective_aggregation!r}")
+        if not self.appo_clip_ratio_c > 1.0:
+            raise ValueError(f"appo_clip_ratio_c: expected a dual-clip constant > 1, got {self.appo_clip_ratio_c}")
+        if self.appo_loss:
+            unsupported = {"importance_sampling_level": (self.importance_sampling_level, "token"),
+                           "top_entropy_quantile": (self.top_entropy_quantile, 1.0),
+                           "entropy_coef": (self.entropy_coef, 0.0),
+                           "use_adaptive_entropy": (self.use_adaptive_entropy, False),
+                           "off_policy_mask_threshold": (self.off_policy_mask_threshold, None),
+                           "delta": (self.delta, None)}
+            for name, (value, default) in unsupported.items():
+                if value != default:
+                    raise ValueError(f"{name}: not implemented by APPO's loss (appo_loss=True), which expects "
+                                     f"{default!r}; got {value!r}. Set appo_loss=False to use TRL's loss_type.")
+
+    @property
+    def num_initial(self) -> int:
+        return self.appo_num_initial or self.num_generations // 2
+
+
+def _pad_rows(rows: list[list], value) -> Tensor:
+    """Right-pad lists of numbers into a `[R, max(1, longest)]` tensor."""
+    width = max([1] + [len(r) for r in rows])
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows])
+
+
+def _num_groups(prompts: list, group_size: int) -> int:
+    """Rows come as blocks of `group_size` copies of one prompt (TRL's RepeatSampler); APPO forks within a
+    block, so each block must be whole on this process."""
+    if len(prompts) % group_size or any(prompts[i] != prompts[i - i % group_size] for i in range(len(prompts))):
+        raise ValueError(f"prompts: APPO needs each process's generation batch to hold whole groups of "
+                         f"num_generations={group_size} copies of a prompt; got {len(prompts)} rows that do not. "
+                         f"Make per_device_train_batch_size * steps_per_generation a multiple of num_generations.")
+    return len(prompts) // group_size
+
+
+class APPOTrainer(_trl.GRPOTrainer):
+    """`trl.GRPOTrainer` running APPO: branched rollouts, per-token procedure advantages and APPO's loss.
+
+    Takes GRPOTrainer's arguments with `args` an `APPOConfig`. Extra fields the rollout hook returns reach the
+    reward functions as keyword arguments, one value per completion: `appo_parent` (row of the parent in the
+    process's batch, -1 for an initial rollout), `appo_split` (last completion position shared with the
+    parent) and `appo_branch_score` (the fork token's Branching Score).
+    """
+
+    def __init__(self, model, reward_funcs, args: APPOConfig | None = None, *pos, rollout_func=None, **kwargs):
+        if rollout_func is not None:
+            raise ValueError("rollout_func: APPOTrainer generates through its own rollout hook (initial rollouts, "
+                             "then branches); it cannot take another one")
+        args = APPOConfig() if args is None else args
+        if not isinstance(args, APPOConfig):
+            raise TypeError(f"args: expected an APPOConfig, got {type(args).__name__}")
+        super().__init__(model, reward_funcs, args, *pos, **kwargs)
+        if self.tools or self.environment_factories is not None:
+            raise NotImplementedError("tools / environment_factory: TRL runs its tool loop after the rollout hook, "
+                                      "so APPO's forks would only fall in the first turn; not supported")
+        if args.appo_omega_source == "reference" and self.ref_model is None:
+            raise ValueError("appo_omega_source: 'reference' needs a separate reference model (PEFT adapters "
+                             "share weights with the policy); use 'prev_policy'")
+        self.rollout_func = self.appo_rollout       # TRL's rollout hook; set here to skip its experimental warning
+        self._prev_policy = None
+        self._rewards_per_func = None
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Rollouts: initial, scored, forked
+    # ---------------------------------------------------------------------------------------------------------
+
+    def appo_rollout(self, prompts: list, trainer=None) -> dict:
+        """TRL's `rollout_func(prompts, trainer)`: one completion per row of `prompts` (blocks of
+        `num_generations` copies of a prompt), returned as token-id lists with the APPO tree as extra fields."""
+        prompt_ids, images, multimodal = self._tokenize_prompts(prompts)
+        if images is not None or multimodal:
+            raise NotImplementedError("prompts: multimodal prompts are not supported by APPOTrainer")
+        prompt_ids = [list(p) for p in prompt_ids]
+        rows = len(prompt_ids)
+        if not self.model.training:                 # evaluation: plain sampling, every rollout initial
+            completions, logprobs = self._generate_single_turn(prompt_ids, None, {}, self.num_generations_eval)
+            return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": logprobs,
+                    "appo_parent": [-1] * rows, "appo_split": [0] * rows, "appo_branch_score": [0.0] * rows}
+
+        size, n_init = self.num_generations, self.args.num_initial
+        groups = _num_groups(prompts, size)
+        initial = [g * size + j for g in range(groups) for j in range(n_init)]
+        init_comp, init_lp = self._generate_single_turn([prompt_ids[r] for r in initial], None, {}, 1)
+        score, candidate = self._score_initial([prompt_ids[r] for r in initial], init_comp, init_lp)
+        group = torch.arange(len(initial)) // n_init
+        bp = select_branch_points(score, candidate, group, size - n_init, num_groups=groups,
+                                  max_len=self.max_completion_length)
+
+        parent, split, strength = [-1] * rows, [0] * rows, [0.0] * rows
+        completions, logprobs = [None] * rows, [None] * rows
+        for k, r in enumerate(initial):
+            completions[r], logprobs[r] = init_comp[k], None if init_lp is None else init_lp[k]
+        slots, prefixes, branch_prompts = [], [], []
+        for g in range(groups):
+            for j in range(size - n_init):
+                r = g * size + n_init + j
+                slots.append(r)
+                if bool(bp.valid[g, j]):
+                    k, t = int(bp.rollout[g, j]), int(bp.position[g, j])
+                    parent[r], split[r], strength[r] = initial[k], t, float(bp.score[g, j])
+                    prefixes.append(k)
+                    branch_prompts.append(prompt_ids[r] + init_comp[k][:t + 1])
+                else:                               # no usable fork point in this group: a fresh rollout
+                    prefixes.append(None)
+                    branch_prompts.append(prompt_ids[r])
+        cont, cont_lp = self._generate_single_turn(branch_prompts, None, {}, 1)
+        for n, r in enumerate(slots):
+            k = prefixes[n]
+            head = [] if k is None else init_comp[k][:split[r] + 1]
+            keep = self.max_completion_length - len(head)   # the first `keep` samples are what max_len would give
+            completions[r] = head + list(cont[n][:keep])
+            if cont_lp is not None:
+                lp_head = [] if k is None else init_lp[k][:split[r] + 1]
+                logprobs[r] = lp_head + list(cont_lp[n][:keep])
+        self._log_rollout_metrics(bp)
+        return {"prompt_ids": prompt_ids, "completion_ids": completions,
+                "logprobs": None if init_lp is None else logprobs,
+                "appo_parent": parent, "appo_split": split, "appo_branch_score": strength}
+
+    def _completion_logits(self, model, prompt_ids: list[list[int]], tokens: Tensor, lengths: Tensor) -> Tensor:
+        """`[R, T, V]` logits that predict each completion token (left-padded prompts, right-padded
+        completions, the same inputs TRL's loss forward sees)."""
+        device = self.accelerator.device
+        pad = self._tokenizer.pad_token_id
+        width = max(len(p) for p in prompt_ids)
+        left = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
+        left_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+        comp_mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+        ids = torch.cat([left, torch.where(comp_mask.bool(), tokens, pad)], 1).to(device)
+        attention = torch.cat([left_mask, comp_mask], 1).to(device)
+        with torch.no_grad(), self.accelerator.autocast():
+            return model(input_ids=ids, attention_mask=attention, logits_to_keep=tokens.shape[1] + 1).logits[:, :-1]
+
+    def _score_initial(self, prompt_ids: list[list[int]], completions: list[list[int]],
+                       sampling_logps: list[list[float]] | None) -> tuple[Tensor, Tensor]:
+        """Branching Score and candidates `[R, T]` (CPU) of the initial rollouts, in row chunks of
+        `per_device_train_batch_size` (the score is per rollout, so chunking changes nothing)."""
+        source = self.args.appo_omega_source
+        policy = self.accelerator.unwrap_model(self.model)
+        old_model = {"prev_policy": self._prev_policy, "reference": self.ref_model}.get(source)
+        tokens = _pad_rows(completions, self._tokenizer.pad_token_id)
+        lengths = torch.tensor([len(c) for c in completions])
+        mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+        eligible = mask & ~torch.isin(tokens, torch.tensor(self.eos_token_ids))
+        behavior = None if sampling_logps is None else _pad_rows(sampling_logps, 0.0).float()
+        scores, candidates, omega_sum, with_omega = [], [], 0.0, False
+        chunk = self.args.per_device_train_batch_size
+        for lo in range(0, len(completions), chunk):
+            sl = slice(lo, lo + chunk)
+            dev = self.accelerator.device
+            logits = self._completion_logits(policy, prompt_ids[sl], tokens[sl], lengths[sl])
+            tok, m = tokens[sl].to(dev), mask[sl].to(dev)
+            logp_old = None
+            if source == "behavior":
+                logp_old = behavior[sl].to(dev)
+            elif old_model is not None:
+                old_logits = self._completion_logits(old_model, prompt_ids[sl], tokens[sl], lengths[sl])
+                logp_old = token_stats(old_logits, torch.where(m, tok, -100), temperature=self.temperature,
+                                       backend=self.args.appo_backend).logp
+            bs = branching_score(logits, tok, logp_old, m, eligible=eligible[sl].to(dev),
+                                 temperature=self.temperature, backend=self.args.appo_backend)
+            scores.append(bs.score.float().cpu())
+            candidates.append(bs.candidate.cpu())
+            if bs.omega is not None:
+                omega_sum, with_omega = omega_sum + float((bs.omega * m).sum()), True
+        if with_omega:
+            self._metrics["train"]["appo/omega_mean"].append(omega_sum / max(int(mask.sum()), 1))
+        if source == "prev_policy":                 # this round's policy is the next round's previous one
+            if self._prev_policy is None:
+                self._prev_policy = copy.deepcopy(policy).requires_grad_(False)
+                # accelerate's mixed-precision `forward` wrapper is an instance attribute closing over the
+                # original model: a copy keeping it would run the live policy. Use the class's forward.
+                self._prev_policy.__dict__.pop("forward", None)
+            else:
+                self._prev_policy.load_state_dict(policy.state_dict())
+        return torch.cat(scores), torch.cat(candidates)
+
+    def _log_rollout_metrics(self, bp) -> None:
+        metrics = self._metrics["train"]
+        metrics["appo/forked_fraction"].append(float(bp.valid.float().mean()))
+        metrics["appo/fork_candidate_fraction"].append(float((bp.candidate & bp.valid).float().sum()
+                                                             / bp.valid.float().sum().clamp(min=1)))
+        if bool(bp.valid.any()):
+            metrics["appo/fork_position_mean"].append(float(bp.position[bp.valid].float().mean()))
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Advantages: per token, from the tree
+    # ---------------------------------------------------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Kept for `_generate_and_score_completions`, which needs the raw rewards, not GRPO's normalised ones.
+        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        """GRPO's batch with `advantages` replaced by APPO's per-token `[B, T]` ones and `tool_mask` (which
+        TRL's loss multiplies into its mask) narrowed to APPO's loss mask."""
+        output = super()._generate_and_score_completions(inputs)
+        per_func, self._rewards_per_func = self._rewards_per_func, None
+        if torch.isnan(per_func).all(dim=1).any():
+            raise ValueError("reward_funcs: APPO needs a reward for every completion; some got None from every "
+                             "reward function")
+        rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)
+        rows = len(inputs)
+        rank = self.accelerator.process_index
+        rewards = rewards[rank * rows:(rank + 1) * rows]
+        device = rewards.device
+        train = self.model.training
+        size = self.num_generations if train else self.num_generations_eval
+        mask = output["completion_mask"].bool()
+        if "tool_mask" in output:
+            mask &= output["tool_mask"].bool()
+        tree = {key: torch.tensor([x[key] for x in inputs], device=device)
+                for key in ("appo_parent", "appo_split", "appo_branch_score")}
+        adv = procedure_advantages(rewards.float(), torch.arange(rows, device=device) // size, tree["appo_parent"],
+                                   tree["appo_split"], mask, branch_score=tree["appo_branch_score"].float(),
+                                   scale_by_std=self.scale_rewards == "group",
+                                   branch_strength_scaling=self.args.appo_branch_strength_scaling,
+                                   train_branches=self.args.appo_train_branches, num_groups=rows // size,
+                                   backend=self.args.appo_backend)
+        output["advantages"] = adv.advantages
+        output["tool_mask"] = adv.loss_mask.long()
+        output["num_items_in_batch"] = self.accelerator.gather(adv.loss_mask.sum()).sum()
+        if train:
+            initial = adv.loss_mask & (tree["appo_parent"] < 0)[:, None]
+            self._metrics["train"]["appo/multiplier_mean"].append(
+                float(adv.multiplier[initial].mean()) if bool(initial.any()) else 1.0)
+        return output
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Loss: SPEC 6-7
+    # ---------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        if not self.args.appo_loss:
+            return super()._compute_loss(model, inputs)
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            model, torch.cat([inputs["prompt_ids"], completion_ids], 1),
+            torch.cat([inputs["prompt_mask"], completion_mask], 1), completion_ids.size(1))
+        mask = completion_mask.bool() & inputs["tool_mask"].bool()
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old
+        adv = inputs["advantages"]
+        if "importance_sampling_ratio" in inputs:
+            # vLLM's correction, folded into the advantage: exact, the surrogate is linear in A and weights >= 0.
+            adv = adv * inputs["importance_sampling_ratio"]
+        c = self.args.appo_clip_ratio_c
+        if self.args.appo_future_kl:
+            adv = future_kl_weights(logps.detach(), old, adv, mask, clip_ratio_c=c,
+                                    backend=self.args.appo_backend).advantages
+        mode = "train" if self.model.training else "eval"
+        # TRL's "dapo" normaliser: the generation batch's loss tokens, per process and accumulation step.
+        count = inputs["num_items_in_batch"].clamp(min=1) / self.accelerator.num_processes
+        if mode == "train":
+            count = count * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        out = policy_loss(logps, old, adv, mask, logp_ref=inputs.get("ref_per_token_logps"),
+                          eps_low=self.epsilon_low, eps_high=self.epsilon_high, clip_ratio_c=c, kl_coef=self.beta,
+                          token_count=float(count))
+        gather = self.accelerator.gather
+        metrics = self._metrics[mode]
+        metrics["appo/pg_loss"].append(gather(out.pg_loss.detach()).mean().item())
+        metrics["clip_ratio/region_mean"].append(gather(out.clip_fraction).mean().item())
+        metrics["appo/dual_clip_fraction"].append(gather(out.dual_clip_fraction).mean().item())
+        if self.beta != 0.0:
+            metrics["kl"].append(gather(out.kl).mean().item())
+        return out.loss

@@ -1,0 +1,187 @@
+"""The TRL adapter end to end on CPU: a tiny Qwen2 built from a config (no download) trained for a few steps by
+APPOTrainer; the rollout tree, the per-token advantages and the loss are checked against the float64 oracle."""
+import pytest
+import torch
+
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+import oracle
+from helpers import run_docs_example
+from appo_kernels.integrations.trl import APPOConfig, APPOTrainer, _num_groups
+
+CHARS = "abcdefghij +=?"
+PROMPTS = ["a+b=", "c+d=", "e+f=", "g+h="]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved character tokenizer (ids: <pad> 0, <eos> 1) and a randomly initialised 2-layer Qwen2."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))      # no merges: one token per character
+    backend.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>").save_pretrained(path)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def a_fraction(completions, **_):
+    return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+class Recorder(APPOTrainer):
+    """Keeps what the reward function saw, each generation batch, and each loss with its inputs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches, self.losses = [], []
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        self.batches.append(({k: [x[k] for x in inputs] for k in ("appo_parent", "appo_split", "appo_branch_score")},
+                             {k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()}))
+        return out
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        with torch.no_grad():                        # the policy's own log-probs, independently of TRL
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+            attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+            width = inputs["completion_ids"].shape[1]
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, -width - 1:-1].double()
+            logp = torch.log_softmax(logits / self.temperature, -1).gather(
+                -1, inputs["completion_ids"][..., None])[..., 0]
+        self.losses.append((loss.detach().double(), logp, {k: v for k, v in inputs.items()}))
+        return loss
+
+
+def train(model_dir, tmp_path, trainer_cls=Recorder, reward=a_fraction, steps=2, **config):
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
+                    max_completion_length=12, max_steps=steps, logging_steps=1, report_to="none", use_cpu=True,
+                    seed=0, save_strategy="no", learning_rate=1e-2, disable_tqdm=True)
+    trainer = trainer_cls(model=model_dir, reward_funcs=reward, args=APPOConfig(**(settings | config)),
+                          train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}))
+    trainer.train()
+    return trainer
+
+
+def _rows(mask_row):
+    return [bool(v) for v in mask_row]
+
+
+def test_branches_fork_from_their_parents_and_get_procedure_advantages(model_dir, tmp_path):
+    trainer = train(model_dir, tmp_path)
+    forked = varied = 0
+    for tree, out in trainer.batches:
+        parent, split = tree["appo_parent"], tree["appo_split"]
+        assert len(parent) == 8 and _num_groups([0] * 4 + [1] * 4, 4) == 2
+        ids, cmask = out["completion_ids"], out["completion_mask"].bool()
+        for r, p in enumerate(parent):
+            if r % 4 < 2:
+                assert p == -1                                   # the first half of each group is initial
+            elif p >= 0:
+                forked += 1
+                assert p // 4 == r // 4 and parent[p] == -1      # forked from an initial rollout of its group
+                s = split[r]
+                assert torch.equal(ids[r, :s + 1], ids[p, :s + 1])       # the shared prefix, fork token included
+                assert int(ids[p, s]) not in trainer.eos_token_ids
+                assert s + 1 < int(cmask[r].sum()) <= trainer.max_completion_length   # then a fresh continuation
+        # per-token advantages: the float64 oracle on the rewards the reward function returned
+        texts = trainer.processing_class.batch_decode(ids, skip_special_tokens=True)
+        rewards = a_fraction([t for t in texts])
+        expected = oracle.procedure_advantages(rewards, [r // 4 for r in range(8)], parent, split,
+                                               [_rows(m) for m in cmask], branch_score=tree["appo_branch_score"],
+                                               branch_strength_scaling=True)
+        assert out["advantages"].shape == ids.shape
+        torch.testing.assert_close(out["advantages"].double(), torch.tensor(expected["advantages"],
+                                   dtype=torch.float64), rtol=1e-5, atol=1e-5)
+        assert torch.equal(out["tool_mask"].bool(), torch.tensor(expected["loss_mask"]))
+        assert int(out["num_items_in_batch"]) == sum(map(sum, expected["loss_mask"]))
+        varied += sum(len(set(a for a, m in zip(row, lm) if m)) > 1
+                      for row, lm in zip(expected["advantages"], expected["loss_mask"]))
+    assert forked and varied, "no branch was forked or no advantage varied along a rollout: the test checks nothing"
+
+
+def test_appo_loss_is_the_oracle_on_the_advantages_it_received(model_dir, tmp_path):
+    # num_iterations=2: the second pass over a batch sees ratios != 1, so clipping and future-KL weights act.
+    trainer = train(model_dir, tmp_path, num_iterations=2, beta=0.05)
+    assert len(trainer.losses) == 2
+    for loss, logp, inputs in trainer.losses:
+        mask = (inputs["completion_mask"] * inputs["tool_mask"]).bool()
+        old = inputs["old_per_token_logps"].double()
+        adv = inputs["advantages"].double()
+        rows = [_rows(m) for m in mask]
+        _, weighted = oracle.future_kl_weights(logp.tolist(), old.tolist(), adv.tolist(), rows)
+        count = float(inputs["num_items_in_batch"]) * trainer.current_gradient_accumulation_steps
+        expected = oracle.policy_loss(logp.tolist(), old.tolist(), weighted, rows,
+                                      logp_ref=inputs["ref_per_token_logps"].double().tolist(), kl_coef=0.05,
+                                      token_count=count)["loss"]
+        assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert not torch.equal(trainer.losses[1][1], trainer.losses[1][2]["old_per_token_logps"].double())
+
+
+def test_trl_loss_takes_the_per_token_advantages(model_dir, tmp_path):
+    trainer = train(model_dir, tmp_path, appo_loss=False, beta=0.0, loss_type="dapo", steps=1)
+    loss, _, inputs = trainer.losses[0]
+    mask = (inputs["completion_mask"] * inputs["tool_mask"]).double()
+    # first pass: ratio 1, so dapo's loss is -sum(A * mask) / (loss tokens of the generation batch)
+    expected = -(inputs["advantages"].double() * mask).sum() / inputs["num_items_in_batch"].double()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert bool((inputs["advantages"] * mask).abs().sum() > 0)
+
+
+def test_omega_uses_the_previous_rounds_policy(model_dir, tmp_path):
+    trainer = train(model_dir, tmp_path, steps=2)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert "appo/omega_mean" not in logged[0] and "appo/omega_mean" in logged[1]   # round 1 is entropy-only
+    ids = torch.tensor([[2, 3, 4, 5, 6]])
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        now, prev = policy(input_ids=ids).logits, trainer._prev_policy(input_ids=ids).logits
+    assert not torch.allclose(now, prev)          # a real snapshot, not the live policy behind a copied wrapper
+    for a, b in zip(policy.parameters(), trainer._prev_policy.parameters()):
+        assert a.data_ptr() != b.data_ptr()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(appo_omega_source="prev"), "appo_omega_source: expected one of"),
+    (dict(appo_omega_source="behavior"), "use_vllm"),
+    (dict(appo_omega_source="reference", beta=0.0), "beta > 0"),
+    (dict(appo_num_initial=4), r"appo_num_initial: expected an int in \[1, num_generations - 1 = 3\]"),
+    (dict(scale_rewards="batch"), "scale_rewards"),
+    (dict(multi_objective_aggregation="normalize_then_sum"), "sum_then_normalize"),
+    (dict(appo_clip_ratio_c=1.0), "appo_clip_ratio_c"),
+    (dict(importance_sampling_level="sequence"), "importance_sampling_level: not implemented by APPO's loss"),
+    (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
+])
+def test_config_errors_name_the_setting(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        APPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, use_cpu=True, **bad)
+
+
+def test_trainer_errors(model_dir, tmp_path):
+    from trl import GRPOConfig
+    ds = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    with pytest.raises(ValueError, match="rollout_func: APPOTrainer generates through its own rollout hook"):
+        APPOTrainer(model=model_dir, reward_funcs=a_fraction, train_dataset=ds, rollout_func=lambda p, t: {})
+    with pytest.raises(TypeError, match="args: expected an APPOConfig, got GRPOConfig"):
+        APPOTrainer(model=model_dir, reward_funcs=a_fraction, train_dataset=ds,
+                    args=GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8,
+                                    use_cpu=True))
+    with pytest.raises(ValueError, match="whole groups of num_generations=4"):
+        _num_groups(["p", "p", "p", "q", "q", "q", "q", "p"], 4)
+    with pytest.raises(ValueError, match="reward for every completion"):
+        train(model_dir, tmp_path, reward=lambda completions, **_: [None] * len(completions), steps=1)
+
+
+def test_the_docs_example_runs():
+    out = run_docs_example("trl.md")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "appo/forked_fraction" in out.stdout
