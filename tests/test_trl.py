@@ -77,7 +77,7 @@ def _rows(mask_row):
 
 
 def test_branches_fork_from_their_parents_and_get_procedure_advantages(model_dir, tmp_path):
-    trainer = train(model_dir, tmp_path)
+    trainer = train(model_dir, tmp_path, appo_score_batch_size=3)      # chunks that cut across groups
     forked = varied = 0
     for tree, out in trainer.batches:
         parent, split = tree["appo_parent"], tree["appo_split"]
@@ -150,6 +150,14 @@ def test_omega_uses_the_previous_rounds_policy(model_dir, tmp_path):
         assert a.data_ptr() != b.data_ptr()
 
 
+def test_evaluation_samples_plain_rollouts(model_dir, tmp_path):
+    trainer = train(model_dir, tmp_path, steps=1)
+    trainer.batches.clear()
+    metrics = trainer.evaluate(datasets.Dataset.from_dict({"prompt": PROMPTS[:2]}))
+    assert all(p == -1 for tree, _ in trainer.batches for p in tree["appo_parent"])   # no forks in evaluation
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(appo_omega_source="prev"), "appo_omega_source: expected one of"),
     (dict(appo_omega_source="behavior"), "use_vllm"),
@@ -158,6 +166,7 @@ def test_omega_uses_the_previous_rounds_policy(model_dir, tmp_path):
     (dict(scale_rewards="batch"), "scale_rewards"),
     (dict(multi_objective_aggregation="normalize_then_sum"), "sum_then_normalize"),
     (dict(appo_clip_ratio_c=1.0), "appo_clip_ratio_c"),
+    (dict(appo_score_batch_size=0), "appo_score_batch_size: expected a positive int"),
     (dict(importance_sampling_level="sequence"), "importance_sampling_level: not implemented by APPO's loss"),
     (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
 ])

@@ -68,6 +68,9 @@ class APPOConfig(_trl.GRPOConfig):
     appo_future_kl: bool = field(default=True, metadata={
         "help": "With appo_loss: weight advantages by the future KL (SPEC 6)."})
     appo_clip_ratio_c: float = field(default=3.0, metadata={"help": "Dual-clip constant c (> 1)."})
+    appo_score_batch_size: int | None = field(default=None, metadata={
+        "help": "Rollouts per forward pass when scoring (each pass holds [rows, T, V] logits); None: "
+                "per_device_train_batch_size."})
     appo_backend: str = field(default="auto", metadata={"help": "appo_kernels backend for every op."})
     epsilon_high: float | None = field(default=0.28, metadata={
         "help": "Upper clip epsilon (clip-higher, SPEC 7)."})
@@ -94,6 +97,10 @@ class APPOConfig(_trl.GRPOConfig):
         if self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError(f"multi_objective_aggregation: APPO needs one scalar reward per completion, so "
                              f"'sum_then_normalize'; got {self.multi_objective_aggregation!r}")
+        if self.appo_score_batch_size is not None and not (isinstance(self.appo_score_batch_size, int)
+                                                           and self.appo_score_batch_size >= 1):
+            raise ValueError(f"appo_score_batch_size: expected a positive int or None, got "
+                             f"{self.appo_score_batch_size!r}")
         if not self.appo_clip_ratio_c > 1.0:
             raise ValueError(f"appo_clip_ratio_c: expected a dual-clip constant > 1, got {self.appo_clip_ratio_c}")
         if self.appo_loss:
@@ -230,7 +237,7 @@ class APPOTrainer(_trl.GRPOTrainer):
     def _score_initial(self, prompt_ids: list[list[int]], completions: list[list[int]],
                        sampling_logps: list[list[float]] | None) -> tuple[Tensor, Tensor]:
         """Branching Score and candidates `[R, T]` (CPU) of the initial rollouts, in row chunks of
-        `per_device_train_batch_size` (the score is per rollout, so chunking changes nothing)."""
+        `appo_score_batch_size` (the score is per rollout, so chunking changes nothing)."""
         source = self.args.appo_omega_source
         policy = self.accelerator.unwrap_model(self.model)
         old_model = {"prev_policy": self._prev_policy, "reference": self.ref_model}.get(source)
@@ -240,7 +247,7 @@ class APPOTrainer(_trl.GRPOTrainer):
         eligible = mask & ~torch.isin(tokens, torch.tensor(self.eos_token_ids))
         behavior = None if sampling_logps is None else _pad_rows(sampling_logps, 0.0).float()
         scores, candidates, omega_sum, with_omega = [], [], 0.0, False
-        chunk = self.args.per_device_train_batch_size
+        chunk = self.args.appo_score_batch_size or self.args.per_device_train_batch_size
         for lo in range(0, len(completions), chunk):
             sl = slice(lo, lo + chunk)
             dev = self.accelerator.device
