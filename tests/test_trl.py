@@ -109,22 +109,29 @@ def test_branches_fork_from_their_parents_and_get_procedure_advantages(model_dir
     assert forked and varied, "no branch was forked or no advantage varied along a rollout: the test checks nothing"
 
 
-def test_appo_loss_is_the_oracle_on_the_advantages_it_received(model_dir, tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_appo_loss_is_the_oracle_on_the_advantages_it_received(model_dir, tmp_path, accumulation):
     # num_iterations=2: the second pass over a batch sees ratios != 1, so clipping and future-KL weights act.
-    trainer = train(model_dir, tmp_path, num_iterations=2, beta=0.05)
-    assert len(trainer.losses) == 2
+    # accumulation=2: one generation batch of 16 rows feeds two micro-batches per optimizer step.
+    trainer = train(model_dir, tmp_path, num_iterations=2, beta=0.05, gradient_accumulation_steps=accumulation)
+    assert len(trainer.losses) == 2 * accumulation
+    per_pass = []
     for loss, logp, inputs in trainer.losses:
         mask = (inputs["completion_mask"] * inputs["tool_mask"]).bool()
         old = inputs["old_per_token_logps"].double()
-        adv = inputs["advantages"].double()
         rows = [_rows(m) for m in mask]
-        _, weighted = oracle.future_kl_weights(logp.tolist(), old.tolist(), adv.tolist(), rows)
-        count = float(inputs["num_items_in_batch"]) * trainer.current_gradient_accumulation_steps
+        _, weighted = oracle.future_kl_weights(logp.tolist(), old.tolist(), inputs["advantages"].double().tolist(),
+                                               rows)
+        # TRL's "dapo" normaliser: the generation batch's loss tokens per accumulation step
+        count = float(inputs["num_items_in_batch"]) * accumulation / trainer.args.steps_per_generation
         expected = oracle.policy_loss(logp.tolist(), old.tolist(), weighted, rows,
                                       logp_ref=inputs["ref_per_token_logps"].double().tolist(), kl_coef=0.05,
                                       token_count=count)["loss"]
         assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    assert not torch.equal(trainer.losses[1][1], trainer.losses[1][2]["old_per_token_logps"].double())
+        per_pass.append((loss.item(), int(mask.sum())))
+    assert not torch.equal(trainer.losses[-1][1], trainer.losses[-1][2]["old_per_token_logps"].double())
+    if accumulation == 2:       # the micro-batches of one pass add up to a token mean over the generation batch
+        assert per_pass[0][1] + per_pass[1][1] == int(trainer.losses[0][2]["num_items_in_batch"])
 
 
 def test_trl_loss_takes_the_per_token_advantages(model_dir, tmp_path):
