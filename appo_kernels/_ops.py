@@ -55,6 +55,21 @@ def _(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy, temperature,
     return logits.new_empty(logits.shape)
 
 
+@torch.library.custom_op("appo_kernels::token_stats_bwd_inplace", mutates_args=("logits",))
+def token_stats_bwd_inplace(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, topk_set: Tensor,
+                            c: Tensor, g_logp: Tensor, g_entropy: Tensor, temperature: float, ignore_index: int,
+                            entropy_topk: bool, backend: str) -> None:
+    """token_stats_bwd writing the gradient over the (contiguous) logits."""
+    _impl(backend).token_stats_backward(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy, temperature,
+                                        ignore_index, entropy_topk, out=logits)
+
+
+@token_stats_bwd_inplace.register_fake
+def _(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy, temperature, ignore_index, entropy_topk,
+      backend):
+    return None
+
+
 @torch.library.custom_op("appo_kernels::linear_token_stats_fwd", mutates_args=())
 def linear_token_stats_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
                            temperature: float, topk: int, ignore_index: int, entropy_topk: bool, chunk: List[int],
@@ -122,6 +137,12 @@ class Dispatch:
                              ignore_index, entropy_topk) -> Tensor:
         return token_stats_bwd(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy, temperature,
                                ignore_index, entropy_topk, self.NAME)
+
+    def token_stats_backward_inplace(self, logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy,
+                                     temperature, ignore_index, entropy_topk) -> Tensor:
+        token_stats_bwd_inplace(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy, temperature,
+                                ignore_index, entropy_topk, self.NAME)
+        return logits
 
     def linear_token_stats_forward(self, hidden, weight, bias, tokens, temperature, topk, ignore_index,
                                    entropy_topk, chunk=None) -> RowStats:

@@ -57,10 +57,10 @@ def check_token_ids(tokens: Tensor, vocab: int, ignore_index: int, name: str = "
 
 class _TokenStatsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, tokens, temperature, topk, ignore_index, entropy_topk, impl):
+    def forward(ctx, logits, tokens, temperature, topk, ignore_index, entropy_topk, impl, inplace):
         st = impl.token_stats_forward(logits, tokens, temperature, topk, ignore_index, entropy_topk)
         ctx.save_for_backward(logits, tokens, st.lse, st.entropy, st.topk_set, st.c)
-        ctx.args = (temperature, ignore_index, entropy_topk, impl)
+        ctx.args = (temperature, ignore_index, entropy_topk, impl, inplace)
         ctx.mark_non_differentiable(st.lse, st.topk_ids, st.topk_logp)
         return st.logp, st.entropy, st.lse, st.topk_ids, st.topk_logp
 
@@ -68,16 +68,29 @@ class _TokenStatsFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_entropy, *_):
         logits, tokens, lse, entropy, topk_set, c = ctx.saved_tensors
-        temperature, ignore_index, entropy_topk, impl = ctx.args
+        temperature, ignore_index, entropy_topk, impl, inplace = ctx.args
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp
         g_entropy = torch.zeros_like(lse) if g_entropy is None else g_entropy
-        grad = impl.token_stats_backward(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy,
-                                         temperature, ignore_index, entropy_topk)
-        return grad, None, None, None, None, None, None
+        # In place: the gradient overwrites the logits (a mutating op, so their version counter moves and any
+        # other saved use of them fails loudly in its backward instead of reading the gradient).
+        backward = impl.token_stats_backward_inplace if inplace else impl.token_stats_backward
+        grad = backward(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy, temperature, ignore_index,
+                        entropy_topk)
+        return grad, None, None, None, None, None, None, None
+
+
+def _check_inplace(logits: Tensor) -> None:
+    if not logits.is_contiguous():
+        raise ValueError(f"inplace_backward: the gradient is written over the logits, which must be contiguous; "
+                         f"got strides {logits.stride()} for shape {list(logits.shape)} (call .contiguous())")
+    if logits.is_leaf:
+        raise ValueError("inplace_backward: logits is a leaf tensor, whose .grad would then alias its own "
+                         "values; use it on logits computed by the model (e.g. the LM head's output)")
 
 
 def token_stats(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, topk: int = 0,
-                ignore_index: int = -100, entropy: str = "exact", backend: str = "auto") -> TokenStats:
+                ignore_index: int = -100, entropy: str = "exact", inplace_backward: bool = False,
+                backend: str = "auto") -> TokenStats:
     """Log-prob of the sampled token, entropy, logsumexp and top-k, in one pass over the vocabulary.
 
     Args:
@@ -88,6 +101,10 @@ def token_stats(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, top
         ignore_index: rows with this token give 0 in every output and 0 gradient.
         entropy: `"exact"` (full vocabulary, `lse - sum p*s`) or `"topk"` (`-sum p log p` over
             `topk_ids ∪ {token}`, the authors' truncated estimate; needs `topk >= 1`).
+        inplace_backward: write the gradient over `logits` in the backward instead of a new `[N, V]` buffer
+            (as Liger-Kernel does; saves one logits-sized allocation on the Triton and torch backends, the
+            native CPU kernel copies). `logits` must be contiguous and computed by autograd (not a leaf), and
+            must not be read after the backward: it then holds the gradient.
         backend: `"auto"` or a name from `available_backends()`.
 
     Returns:
@@ -106,11 +123,13 @@ def token_stats(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, top
     vocab = logits.shape[-1]
     temperature, topk, ignore_index = check_token_options(vocab, temperature, topk, ignore_index, entropy)
     check_token_ids(tokens, vocab, ignore_index)
+    if inplace_backward and logits.requires_grad:
+        _check_inplace(logits)
     impl = backends.resolve(backend, logits.device, "token_stats", logits.dtype, topk=topk)
     lead = tokens.shape
     flat_logits = logits.reshape(-1, vocab)
     out = _TokenStatsFn.apply(flat_logits, tokens.reshape(-1), temperature, topk, ignore_index,
-                              entropy == "topk", impl)
+                              entropy == "topk", impl, bool(inplace_backward))
     return shaped_stats(out, lead, topk)
 
 

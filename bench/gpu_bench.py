@@ -86,12 +86,21 @@ def token_stats_rows(device, n, v, dtype, reps, compile_eager) -> List[List[str]
         return run
 
     contenders: Dict[str, tuple] = {}
+    ref_top = ak.token_stats(logits, tokens, topk=10, backend="torch")
     for name in ak.available_backends():
         if backends.runs(name, "token_stats", device, dtype):
             out = ak.token_stats(logits, tokens, backend=name)
             err = max((out.logp - ref.logp).abs().max().item(), (out.entropy - ref.entropy).abs().max().item())
             stats = (lambda x, name=name: ak.token_stats(x, tokens, backend=name)[:2])
             contenders[f"ours[{name}]"] = (stats, err)
+            # top-10 in the same pass; then the gradient written over the logits (x.view_as(x): not a leaf)
+            out = ak.token_stats(logits, tokens, topk=10, backend=name)
+            err = (out.topk_logp - ref_top.topk_logp).abs().max().item()
+            contenders[f"ours[{name}] topk=10"] = (
+                lambda x, name=name: ak.token_stats(x, tokens, topk=10, backend=name)[:2], err)
+            contenders[f"ours[{name}] inplace_backward"] = (
+                lambda x, name=name: ak.token_stats(x.view_as(x), tokens, inplace_backward=True, backend=name)[:2],
+                float("nan"))
     contenders["eager"] = (lambda x: eager_stats(x, tokens), float("nan"))
     if compile_eager:
         compiled = torch.compile(eager_stats, dynamic=False)
@@ -154,7 +163,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    shapes = [(64, 4096)] if args.small else [(16384, 151936)]
+    shapes = [(64, 4096), (2, 4096)] if args.small else [(16384, 151936), (64, 151936)]   # few rows: split grid
     seq = (4, 512) if args.small else (64, 8192)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [f"# appo_kernels GPU benchmark ({'small' if args.small else 'full'} sizes)", "",

@@ -45,6 +45,22 @@ def test_appo_step_compiles_fullgraph_and_matches_eager(backend):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_inplace_backward_compiles_and_matches_eager(backend):
+    torch._dynamo.reset()
+
+    def loss(x, tokens):
+        st = ak.token_stats(x * 2, tokens, topk=2, inplace_backward=True, backend=backend)
+        return (st.logp + 0.5 * st.entropy).sum()
+
+    g = torch.Generator().manual_seed(2)
+    x, tokens = torch.randn(3, 5, 33, generator=g, requires_grad=True), torch.randint(0, 33, (3, 5), generator=g)
+    loss(x, tokens).backward()
+    eager, x.grad = x.grad, None
+    torch.compile(loss, fullgraph=True)(x, tokens).backward()
+    torch.testing.assert_close(x.grad, eager, atol=1e-6, rtol=1e-6)
+
+
 def test_fake_tensors_give_shapes_without_running_kernels():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
@@ -71,9 +87,10 @@ def _op_cases(backend):
             fwd = (logits, tokens, 0.7, 3, -100, entropy_topk, backend)
             st = torch.ops.appo_kernels.token_stats_fwd(*fwd)
             cases.append((torch.ops.appo_kernels.token_stats_fwd, fwd))
-            cases.append((torch.ops.appo_kernels.token_stats_bwd,
-                          (logits, tokens, st[2], st[1], st[5], st[6], torch.randn(6, generator=g),
-                           torch.randn(6, generator=g), 0.7, -100, entropy_topk, backend)))
+            bwd = (tokens, st[2], st[1], st[5], st[6], torch.randn(6, generator=g), torch.randn(6, generator=g), 0.7,
+                   -100, entropy_topk, backend)
+            cases.append((torch.ops.appo_kernels.token_stats_bwd, (logits, *bwd)))
+            cases.append((torch.ops.appo_kernels.token_stats_bwd_inplace, (logits.clone(), *bwd)))
     if backends.runs(backend, "reverse_discounted_scan", cpu, torch.float32):
         cases.append((torch.ops.appo_kernels.reverse_scan, (x, cu, 0.9, backend)))
     if backends.runs(backend, "branching_score", cpu, torch.float32):

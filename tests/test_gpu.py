@@ -100,3 +100,24 @@ def test_linear_token_stats_triton_cuda_matches_torch(dtype):
         torch.testing.assert_close(getattr(out, name), getattr(ref, name), **tol, msg=name)
     for a, b in zip(out_g, ref_g):
         torch.testing.assert_close(a, b, atol=tol["atol"] * b.abs().max().item(), rtol=tol["rtol"])
+
+
+def test_token_stats_inplace_backward_cuda(gpu_backend):
+    g = torch.Generator(device=CUDA).manual_seed(3)
+    logits = (torch.randn(512, 151936, device=CUDA, generator=g) * 3).to(torch.bfloat16)
+    tokens = torch.randint(0, 151936, (512,), device=CUDA, generator=g)
+    results = []
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_()
+        st = ak.token_stats(x.view_as(x), tokens, inplace_backward=inplace, backend=gpu_backend)
+        loss = st.logp.sum() + 0.5 * st.entropy.sum()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss.backward()
+        torch.cuda.synchronize()
+        results.append((x.grad.clone(), torch.cuda.max_memory_allocated() - base))
+    (ref, peak_ref), (got, peak_inplace) = results
+    assert torch.equal(got, ref)
+    if gpu_backend == "triton":     # the gradient reuses the logits' memory: no [N, V] buffer in the backward
+        assert peak_inplace < peak_ref - logits.numel() * logits.element_size() // 2, (peak_inplace, peak_ref)

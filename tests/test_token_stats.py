@@ -497,3 +497,109 @@ def test_masked_vocab_gradient_is_exactly_zero_with_large_upstream(backend, gen,
     (st.logp.sum() * 3.0 + st.entropy.sum() * 7.5).backward()
     assert torch.isfinite(x.grad).all()
     assert torch.equal(x.grad[:, ::3], torch.zeros_like(x.grad[:, ::3]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton: the vocabulary-split grid and the single-pass top-k, forced onto small tiles and many splits
+# ----------------------------------------------------------------------------------------------------------
+
+def _triton_forward():
+    from appo_kernels.backends import triton_backend
+    if not (triton_backend.available() and triton_backend.supports("token_stats", torch.device("cpu"))):
+        pytest.skip("Triton runs on CPU only under TRITON_INTERPRET=1")
+    from appo_kernels.backends.triton_kernels.token_stats import token_stats_forward
+    return token_stats_forward
+
+
+def _hard_rows(gen, V):
+    """Rows that stress the running top-k: ascending (every tile beats the list), descending (none after the
+    first), heavy ties across tiles, a constant row, -inf on most columns, and a target on a -inf entry."""
+    rows = [torch.arange(V, dtype=torch.float64) / V, -torch.arange(V, dtype=torch.float64) / V,
+            torch.randint(0, 3, (V,), generator=gen).double(), torch.zeros(V, dtype=torch.float64),
+            torch.randn(V, generator=gen, dtype=torch.float64)]
+    for _ in range(2):                        # -inf but on 3 columns, so top-k lists end in -inf entries
+        sparse = torch.full((V,), float("-inf"), dtype=torch.float64)
+        sparse[torch.randperm(V - 20, generator=gen)[:3] + 20] = torch.randn(3, generator=gen, dtype=torch.float64)
+        rows.append(sparse)
+    return torch.stack(rows + [torch.randn(V, generator=gen, dtype=torch.float64) * 4])
+
+
+# (vocabulary splits, tile width, k, entropy, dtype); 50 splits of V = 97 leave 2 columns per split, fewer
+# than k: lists that never fill.
+SPLIT_CASES = [(1, 16, 5, "exact", torch.float32), (3, 16, 5, "exact", torch.bfloat16),
+               (3, 16, 0, "exact", torch.float32), (7, 16, 20, "topk", torch.float32),
+               (2, 64, 64, "exact", torch.float32), (50, 16, 1, "exact", torch.float32),
+               (13, 16, 5, "topk", torch.bfloat16), (50, 16, 5, "exact", torch.float32)]
+
+
+@pytest.mark.parametrize("splits,block,k,mode,dtype", SPLIT_CASES, ids=lambda c: str(c))
+def test_triton_splits_and_tiles_match_oracle(gen, splits, block, k, mode, dtype):
+    forward = _triton_forward()
+    V = 97 if k < 64 else 130
+    logits = _hard_rows(gen, V).to(dtype)
+    n = logits.shape[0]
+    tokens = torch.randint(0, V, (n,), generator=gen)
+    tokens[0], tokens[1], tokens[2] = 0, V - 1, -100
+    tokens[5] = int(torch.nonzero(torch.isinf(logits[5].double()))[0])       # the target logit is -inf
+    tokens[6] = int(torch.nonzero(torch.isfinite(logits[6].double()))[0])
+    res = forward(logits, tokens, 0.8, k, -100, mode == "topk", vocab_splits=splits, block_v=block)
+    rows = [0, 1, 2, 3, 4, 6, 7]                 # row 5 has logp -inf (checked below)
+    check_against_oracle(type(res)(*(t[rows] if t.dim() and t.shape[0] == n else t for t in res)), logits[rows], tokens[rows],
+                         temperature=0.8, topk=k, entropy=mode)
+    assert res.logp[5].item() == float("-inf") and math.isfinite(res.lse[5].item())
+
+
+def test_triton_topk_beyond_the_register_limit_is_refused():
+    _triton_forward()
+    from appo_kernels.backends import triton_backend
+    limit = triton_backend.TOKEN_STATS_MAX_TOPK
+    logits, tokens = torch.randn(2, 200), torch.tensor([0, 1])
+    with pytest.raises(ak.backends.BackendUnsupported, match="'triton' does not run token_stats"):
+        ak.token_stats(logits, tokens, topk=limit + 1, backend="triton")
+    ref = ak.token_stats(logits, tokens, topk=limit + 1, backend="torch")
+    assert ak.token_stats(logits, tokens, topk=limit, backend="triton").topk_ids.tolist() == \
+        ref.topk_ids[:, :limit].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inplace_backward: the gradient written over the logits
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,k", [("exact", 0), ("exact", 4), ("topk", 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_backward_gives_the_same_gradient(backend, gen, mode, k, dtype):
+    x = make_logits(gen, 12, 37, dtype).reshape(3, 4, 37).requires_grad_()
+    tokens = make_tokens(gen, 12, 37, ignore=(5,)).reshape(3, 4)
+    g_lp, g_h = torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen)
+
+    def grad(inplace):
+        x.grad = None
+        logits = x * 1                         # the model's output: not a leaf, nothing else saves it
+        st = ak.token_stats(logits, tokens, topk=k, entropy=mode, inplace_backward=inplace, backend=backend)
+        (st.logp * g_lp + st.entropy * g_h).sum().backward()
+        return x.grad.clone(), logits.detach()
+
+    expected, untouched = grad(False)
+    got, overwritten = grad(True)
+    assert torch.equal(got, expected)
+    assert torch.equal(overwritten, expected)            # the logits now hold the gradient ...
+    assert not torch.equal(untouched, expected)          # ... which they did not without the option
+
+
+def test_inplace_backward_makes_a_stale_read_fail_loudly(backend, gen):
+    x = make_logits(gen, 4, 19, torch.float32).requires_grad_()
+    tokens = make_tokens(gen, 4, 19)
+    logits = x * 1
+    squares = (logits * logits).sum()         # saves logits; its backward runs after token_stats' backward
+    st = ak.token_stats(logits, tokens, inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (st.logp.sum() + squares).backward()
+
+
+def test_inplace_backward_refuses_what_it_cannot_overwrite(backend, gen):
+    x = make_logits(gen, 4, 19, torch.float32).requires_grad_()
+    tokens = make_tokens(gen, 4, 19)
+    with pytest.raises(ValueError, match="inplace_backward: logits is a leaf tensor"):
+        ak.token_stats(x, tokens, inplace_backward=True, backend=backend)
+    with pytest.raises(ValueError, match="inplace_backward: .* must be contiguous"):
+        ak.token_stats((x * 1).t().contiguous().t(), tokens, inplace_backward=True, backend=backend)

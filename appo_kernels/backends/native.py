@@ -76,8 +76,12 @@ def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk
 
 def token_stats_backward(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, topk_set: Tensor, c: Tensor,
                          g_logp: Tensor, g_entropy: Tensor, temperature: float, ignore_index: int,
-                         entropy_topk: bool) -> Tensor:
-    """Gradient w.r.t. logits [N, V] (contiguous, logits' dtype)."""
+                         entropy_topk: bool, out: Optional[Tensor] = None) -> Tensor:
+    """Gradient w.r.t. logits [N, V] (contiguous, logits' dtype). With `out` (which may be `logits`) the result
+    is copied into it: the kernel re-reads special ids after writing the bulk, so it cannot run in place."""
+    if out is not None:
+        return out.copy_(token_stats_backward(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy,
+                                              temperature, ignore_index, entropy_topk))
     logits = rows_contiguous(logits)
     n, v = logits.shape
     grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)

@@ -15,6 +15,7 @@ import torch
 NAME = "triton"
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SEQUENCE_DTYPES = (torch.float32, torch.float64)
+TOKEN_STATS_MAX_TOPK = 64      # token_stats keeps its running top-k in registers
 OPS = {"token_stats": _LOGIT_DTYPES, "linear_token_stats": _LOGIT_DTYPES,
        "reverse_discounted_scan": _SEQUENCE_DTYPES, "branching_score": _SEQUENCE_DTYPES}
 
@@ -27,9 +28,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def supports(op: str, device: torch.device, dtype: Optional[torch.dtype] = None, **features) -> bool:
+def supports(op: str, device: torch.device, dtype: Optional[torch.dtype] = None, topk: int = 0) -> bool:
     runs_here = device.type == "cuda" or (device.type == "cpu" and interpreting())
-    return runs_here and op in OPS and (dtype is None or dtype in OPS[op])
+    fits = op != "token_stats" or topk <= TOKEN_STATS_MAX_TOPK
+    return runs_here and fits and op in OPS and (dtype is None or dtype in OPS[op])
 
 
 def token_stats_forward(*args):
@@ -37,9 +39,9 @@ def token_stats_forward(*args):
     return token_stats.token_stats_forward(*args)
 
 
-def token_stats_backward(*args):
+def token_stats_backward(*args, **kwargs):
     from .triton_kernels import token_stats
-    return token_stats.token_stats_backward(*args)
+    return token_stats.token_stats_backward(*args, **kwargs)
 
 
 def linear_token_stats_forward(*args):

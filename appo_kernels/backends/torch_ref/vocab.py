@@ -223,13 +223,14 @@ def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk
 
 def token_stats_backward(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, topk_set: Tensor, c: Tensor,
                          g_logp: Tensor, g_entropy: Tensor, temperature: float, ignore_index: int,
-                         entropy_topk: bool) -> Tensor:
-    """Gradient w.r.t. logits [N, V] (contiguous, logits' dtype), recomputing p tile by tile."""
+                         entropy_topk: bool, out: Optional[Tensor] = None) -> Tensor:
+    """Gradient w.r.t. logits [N, V] (contiguous, logits' dtype), recomputing p tile by tile; written into
+    `out` when given (it may be `logits` itself: each row tile is copied to scratch before it is written)."""
     n, v = logits.shape
     cdt = _compute_dtype(logits.dtype)
     tokens, valid = _valid_tokens(tokens, ignore_index)
     g_logp, g_entropy = g_logp.to(cdt), g_entropy.to(cdt)
-    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device) if out is None else out
     rows, tiles = _row_tiles(n, v)
     scratch = Scratch(rows, v, cdt, logits.device)
     for r0, r1 in tiles:

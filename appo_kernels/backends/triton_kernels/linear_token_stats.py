@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._types import RowStats, backward_inputs
-from .token_stats import _topk_entropy
+from .token_stats import _num_sms, merge_partials
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -267,12 +267,6 @@ def _blocks(n: int, v: int, h: int, dot_f32: bool):
     return 64, 128, 64
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
                                temperature: float, topk: int, ignore_index: int, entropy_topk: bool,
                                chunk: tuple[int, int] | None = None) -> RowStats:
@@ -304,37 +298,7 @@ def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Tensor | No
             n, v, h, 1.0 / float(temperature), tiles_per_split * bv, nt,
             HAS_BIAS=bias is not None, K=k, DOT_F32=dot_f32, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
             num_warps=4 if dot_f32 else 8)
-    pm, pse, psh, ptgt = part
-    # Merge the splits exactly as the reference's `merge`: rescale each by exp(m_split - m).
-    m = pm.amax(dim=0) if splits else torch.full((n,), float("-inf"), **f32)
-    d = pm - m
-    live = pse != 0
-    scale = torch.where(live, torch.exp(d), torch.zeros_like(d))
-    se = (pse * scale).sum(dim=0)
-    sh = torch.where(live, scale * (psh + d * pse), torch.zeros_like(d)).sum(dim=0)
-    log_se = torch.log(se)
-    lse = m + log_se
-    entropy = log_se - sh / se
-    logp = ptgt.sum(dim=0) - lse
-    if k:
-        vals, order = torch.sort(cand_v.view(n, nt * k), dim=-1, descending=True, stable=True)
-        topk_vals = vals[:, :k]
-        topk_ids = cand_i.view(n, nt * k).gather(1, order[:, :k])
-        topk_logp = topk_vals - lse[:, None]
-    else:
-        topk_ids = torch.empty(n, 0, dtype=torch.int64, device=dev)
-        topk_logp = torch.empty(n, 0, **f32)
-    zero = torch.zeros_like(lse)
-    logp = torch.where(valid, logp, zero)
-    lse = torch.where(valid, lse, zero)
-    topk_ids = torch.where(valid[:, None], topk_ids, torch.zeros_like(topk_ids))
-    topk_logp = torch.where(valid[:, None], topk_logp, torch.zeros_like(topk_logp))
-    if entropy_topk:
-        entropy, c, topk_set = _topk_entropy(logp, topk_ids, topk_logp, tokens, valid)
-    else:
-        entropy = torch.where(valid, entropy, zero)
-        topk_set, c = torch.empty(0, **f32), torch.empty(0, **f32)
-    return RowStats(logp, entropy, lse, topk_ids, topk_logp, topk_set, c)
+    return merge_partials(part, cand_v, cand_i, tokens, valid, k, entropy_topk)
 
 
 def linear_token_stats_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,

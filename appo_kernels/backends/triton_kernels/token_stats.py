@@ -5,15 +5,17 @@ Same Python-side interface and semantics as `native.token_stats_forward/backward
 layouts are copied once to be so), int tokens [N]; float32 statistics, int64 ids; the gradient has the
 logits' dtype and is contiguous.
 
-Forward (`_fwd_kernel`, one program per row): one pass over the row in BLOCK_V tiles keeps a running max `m`,
-`se = sum exp(s - m)` and `sh = sum exp(s - m) * (s - m)` (rescaled when the max grows), with one exp2 per
-element; then lse = m + log se and the exact entropy = log se - sh / se (= lse - sum p*s, never
--sum p log p per element). The target logit is loaded directly. Top-k (k > 0) is k further passes over the
-row, each taking the largest value strictly after the previous pick in the order (value desc, id asc), so
-ties go to the smaller id; this re-reads the row k times (cheap for the small k this is used with, and
-compiled out for k = 0). The exact-entropy accumulator compiles out when the top-k entropy is asked for.
-The top-k entropy, its constant c and topk_set are O(N*k) and are computed in torch from the kernel's
-top-k log-probs and target log-prob (`_topk_entropy`).
+Forward (`_fwd_kernel`, a grid over rows x vocabulary splits; one split per row unless there are too few
+rows to fill the GPU, then about 4 programs per SM): each program makes one pass over its columns in BLOCK_V
+tiles, keeping a running max `m`, `se = sum exp(s - m)` and `sh = sum exp(s - m) * (s - m)` (rescaled when
+the max grows), with one exp2 per element, and loads the target logit if its split holds it. Top-k (k > 0,
+at most 64) is kept in registers during the same pass: a tile is merged into the running list (k rounds
+over tile + list, value desc, ties to the smaller id) only when its maximum beats the k-th kept value, so
+the per-element work stays that of the statistics. The per-split partials and candidates are merged in torch
+(`merge_partials`, shared with linear_token_stats): lse = m + log se, exact entropy = log se - sh / se
+(= lse - sum p*s, never -sum p log p per element). The exact-entropy accumulator compiles out when the
+top-k entropy is asked for; the top-k entropy, its constant c and topk_set are O(N*k) and are computed in
+torch from the top-k log-probs and target log-prob (`_topk_entropy`).
 
 Backward (`_bwd_kernel`, one program per row x BLOCK_V tile): reads logits once, recomputes p from the
 saved lse, writes the gradient once; the target term and the top-k-set correction are applied in fp32
@@ -34,7 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._types import RowStats, backward_inputs, empty_row_stats, rows_contiguous
+from .._types import RowStats, backward_inputs, rows_contiguous
+from ..triton_backend import TOKEN_STATS_MAX_TOPK as MAX_TOPK
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -48,29 +51,37 @@ def _block(v: int, cap: int) -> int:
     return max(16, min(triton.next_power_of_2(max(v, 1)), 1 << 15 if _interpreted() else cap))
 
 
-@triton.jit(do_not_specialize=["V"])  # V seeds a loop-carried id: never a constexpr (V == 1)
-def _fwd_kernel(x_ptr, stride_row, tok_ptr, logp_ptr, ent_ptr, lse_ptr, ids_ptr, tlogp_ptr,
-                V, ignore_index, inv_t,
-                K: tl.constexpr, EXACT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+@triton.jit(do_not_specialize=["V", "v_per_split"])   # V seeds loop-carried ids: never a constexpr (V == 1)
+def _fwd_kernel(x_ptr, stride_row, tok_ptr, m_ptr, se_ptr, sh_ptr, tgt_ptr, cv_ptr, ci_ptr,
+                N, V, v_per_split, ignore_index, inv_t,
+                K: tl.constexpr, KP: tl.constexpr, EXACT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program (row, split): partials over columns [split * v_per_split, +v_per_split) of one row."""
     LOG2E: tl.constexpr = 1.4426950408889634
     NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
     base = x_ptr + row * stride_row
     tok = tl.load(tok_ptr + row)
     valid = tok != ignore_index
-    tok = tl.where(valid, tok, 0)
+    v_start = split * v_per_split
+    v_stop = tl.minimum(V, v_start + v_per_split)
+    v_end = tl.where(valid, v_stop, v_start)   # ignored rows load nothing (a column bound, not `& valid`: the
+                                               # interpreter mishandles a scalar bool broadcast into a mask)
     offs = tl.arange(0, BLOCK_V)
-    v_end = tl.where(valid, V, 0)   # ignored rows load nothing (a column bound, not `& valid`: the
-                                    # interpreter mishandles a scalar bool broadcast into a mask)
+    slot = tl.arange(0, KP)
+    top_v = tl.full((KP,), NEG_INF, tl.float32)   # running top-K, (value desc, id asc); id V marks "empty"
+    top_i = tl.full((KP,), V, tl.int32)
 
     m = float("-inf")   # running max of s
     se = 0.0            # sum exp(s - m)
     sh = 0.0            # sum exp(s - m) * (s - m)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + offs
         mask = cols < v_end
         s = tl.load(base + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(s, axis=0))
+        tile_max = tl.max(s, axis=0)
+        m_new = tl.maximum(m, tile_max)
         m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)     # all -inf so far: shift by 0, keep p = 0
         d = s - m_ref
         e = tl.exp2(d * LOG2E)
@@ -80,37 +91,46 @@ def _fwd_kernel(x_ptr, stride_row, tok_ptr, logp_ptr, ent_ptr, lse_ptr, ids_ptr,
             sh = tl.where(se == 0.0, 0.0, alpha * (sh + (m - m_ref) * se)) + tl.sum(ed, axis=0)
         se = se * alpha + tl.sum(e, axis=0)
         m = m_new
+        if K > 0:
+            # Off the per-element path: only a tile whose best beats the K-th kept value (or that meets a
+            # list not yet full) is merged. Later tiles hold larger ids, so an equal value never beats it.
+            kth_v = tl.max(tl.where(slot == K - 1, top_v, NEG_INF), axis=0)
+            kth_i = tl.min(tl.where(slot == K - 1, top_i, V), axis=0)
+            if (tile_max > kth_v) | (kth_i == V):
+                # K rounds over tile + list; round j takes the best entry strictly after round j-1's pick.
+                new_v = tl.full((KP,), NEG_INF, tl.float32)
+                new_i = tl.full((KP,), V, tl.int32)
+                prev_v = float("inf")
+                prev_i = -1
+                for j in range(K):
+                    el = mask & ((s < prev_v) | ((s == prev_v) & (cols > prev_i)))
+                    sv = tl.where(el, s, NEG_INF)
+                    tv = tl.max(sv, axis=0)
+                    ti = tl.min(tl.where(el & (sv == tv), cols, V), axis=0)
+                    ll = (slot < K) & ((top_v < prev_v) | ((top_v == prev_v) & (top_i > prev_i)))
+                    lv_all = tl.where(ll, top_v, NEG_INF)
+                    lv = tl.max(lv_all, axis=0)
+                    li = tl.min(tl.where(ll & (lv_all == lv), top_i, V), axis=0)
+                    from_list = (lv > tv) | ((lv == tv) & (li < ti))
+                    prev_v = tl.where(from_list, lv, tv)
+                    prev_i = tl.where(from_list, li, ti)
+                    new_v = tl.where(slot == j, prev_v, new_v)
+                    new_i = tl.where(slot == j, prev_i, new_i)
+                top_v = new_v
+                top_i = new_i
 
-    log_se = tl.log(se)
-    lse = m + log_se
-    tgt = tl.load(base + tok, mask=valid, other=0.0).to(tl.float32) * inv_t
-    tl.store(logp_ptr + row, tl.where(valid, tgt - lse, 0.0))
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
-    if EXACT_ENTROPY:
-        tl.store(ent_ptr + row, tl.where(valid, log_se - sh / se, 0.0))
-
+    # The target logit, from the split whose columns hold it (others add 0).
+    here = valid & (tok >= v_start) & (tok < v_stop)
+    tgt = tl.load(base + tl.where(here, tok, 0), mask=here, other=0.0).to(tl.float32) * inv_t
+    out = split.to(tl.int64) * N + row
+    tl.store(m_ptr + out, m)
+    tl.store(se_ptr + out, se)
+    tl.store(sh_ptr + out, sh)
+    tl.store(tgt_ptr + out, tl.where(here, tgt, 0.0))
     if K > 0:
-        # Round j takes the largest s strictly after the previous pick in (value desc, id asc) order.
-        prev_v = float("inf")
-        prev_i = -1
-        for j in range(K):
-            best_v = float("-inf")
-            best_i = V
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + offs
-                mask = cols < v_end
-                s = tl.load(base + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-                elig = mask & ((s < prev_v) | ((s == prev_v) & (cols > prev_i)))
-                sv = tl.where(elig, s, NEG_INF)
-                tv = tl.max(sv, axis=0)
-                ti = tl.min(tl.where(elig & (sv == tv), cols, V), axis=0)
-                take = (tv > best_v) | ((tv == best_v) & (ti < best_i))
-                best_v = tl.where(take, tv, best_v)
-                best_i = tl.where(take, ti, best_i)
-            tl.store(ids_ptr + row * K + j, tl.where(valid, best_i, 0).to(tl.int64))
-            tl.store(tlogp_ptr + row * K + j, tl.where(valid, best_v - lse, 0.0))
-            prev_v = best_v
-            prev_i = best_i
+        off = (row * splits + split) * K + slot
+        tl.store(cv_ptr + off, top_v, mask=slot < K)
+        tl.store(ci_ptr + off, top_i.to(tl.int64), mask=slot < K)
 
 
 @triton.jit
@@ -172,31 +192,96 @@ def _topk_entropy(logp: Tensor, topk_ids: Tensor, topk_logp: Tensor, tokens: Ten
     return entropy, c, topk_set
 
 
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def merge_partials(part: Tensor, cand_v: Tensor, cand_i: Tensor, tokens: Tensor, valid: Tensor, topk: int,
+                   entropy_topk: bool) -> RowStats:
+    """RowStats from per-split partials `part` = (m, se, sh, target logit) `[4, splits, n]` and top-k
+    candidates `[n, C, k]` (id V = none), merged as the reference's `merge` does: each split rescaled by
+    exp(m_split - m); the candidates sorted by (value desc, id asc)."""
+    n = tokens.shape[0]
+    f32 = {"dtype": torch.float32, "device": tokens.device}
+    pm, pse, psh, ptgt = part
+    m = pm.amax(dim=0) if pm.shape[0] else torch.full((n,), float("-inf"), **f32)
+    d = pm - m
+    live = pse != 0
+    scale = torch.where(live, torch.exp(d), torch.zeros_like(d))
+    se = (pse * scale).sum(dim=0)
+    sh = torch.where(live, scale * (psh + d * pse), torch.zeros_like(d)).sum(dim=0)
+    log_se = torch.log(se)
+    lse = m + log_se
+    entropy = log_se - sh / se
+    logp = ptgt.sum(dim=0) - lse
+    if topk:
+        ids = cand_i.reshape(n, cand_i[0].numel() if n else 0)
+        by_id = torch.argsort(ids, dim=1, stable=True)          # ties then keep the smaller id first
+        ids, vals = ids.gather(1, by_id), cand_v.reshape(ids.shape).gather(1, by_id)
+        vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
+        topk_ids = ids.gather(1, order[:, :topk])
+        topk_logp = vals[:, :topk] - lse[:, None]
+    else:
+        topk_ids = torch.empty(n, 0, dtype=torch.int64, device=tokens.device)
+        topk_logp = torch.empty(n, 0, **f32)
+    zero = torch.zeros_like(lse)
+    logp = torch.where(valid, logp, zero)
+    lse = torch.where(valid, lse, zero)
+    topk_ids = torch.where(valid[:, None], topk_ids, torch.zeros_like(topk_ids))
+    topk_logp = torch.where(valid[:, None], topk_logp, torch.zeros_like(topk_logp))
+    if entropy_topk:
+        entropy, c, topk_set = _topk_entropy(logp, topk_ids, topk_logp, tokens, valid)
+    else:
+        entropy = torch.where(valid, entropy, zero)
+        topk_set, c = torch.empty(0, **f32), torch.empty(0, **f32)
+    return RowStats(logp, entropy, lse, topk_ids, topk_logp, topk_set, c)
+
+
 def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk: int, ignore_index: int,
-                        entropy_topk: bool) -> RowStats:
-    """logits [N, V] -> RowStats (float32), as the torch reference computes it."""
+                        entropy_topk: bool, vocab_splits: int | None = None,
+                        block_v: int | None = None) -> RowStats:
+    """logits [N, V] -> RowStats (float32), as the torch reference computes it.
+
+    The grid is (rows, vocabulary splits): with few rows the vocabulary is split so that about 4 programs per
+    SM run (`vocab_splits` overrides; `block_v` overrides the tile width; both for tests and tuning)."""
     logits = _rows_contiguous(logits)
     n, v = logits.shape
+    if topk > MAX_TOPK:
+        raise ValueError(f"topk: the Triton kernel keeps at most {MAX_TOPK} ids in registers, got {topk}")
     tokens = tokens.to(torch.int64).contiguous()
-    logp, entropy, lse, topk_ids, topk_logp, topk_set, c = empty_row_stats(n, topk, False, logits.device)
+    dev = logits.device
+    cap = 4096
+    if vocab_splits is None:
+        tiles = triton.cdiv(v, cap)
+        vocab_splits = min(tiles, max(1, triton.cdiv(4 * _num_sms(dev), max(n, 1))))
+    per_split = triton.cdiv(v, max(1, min(int(vocab_splits), v)))
+    splits = triton.cdiv(v, per_split)
+    block = int(block_v) if block_v is not None else _block(per_split, cap)
+    part = torch.empty(4, splits, n, dtype=torch.float32, device=dev)
+    cand_v = torch.empty(n, splits, topk, dtype=torch.float32, device=dev)
+    cand_i = torch.empty(n, splits, topk, dtype=torch.int64, device=dev)
     if n:
-        block = _block(v, 4096)
-        _fwd_kernel[(n,)](logits, logits.stride(0), tokens, logp, entropy, lse, topk_ids, topk_logp,
-                          v, int(ignore_index), 1.0 / float(temperature),
-                          K=int(topk), EXACT_ENTROPY=not entropy_topk, BLOCK_V=block,
-                          num_warps=8 if block >= 2048 else 4)
-    if entropy_topk:
-        entropy, c, topk_set = _topk_entropy(logp, topk_ids, topk_logp, tokens, tokens != ignore_index)
-    return RowStats(logp, entropy, lse, topk_ids, topk_logp, topk_set, c)
+        _fwd_kernel[(n, splits)](logits, logits.stride(0), tokens, part[0], part[1], part[2], part[3], cand_v, cand_i,
+                                 n, v, per_split, int(ignore_index), 1.0 / float(temperature),
+                                 K=int(topk), KP=max(2, triton.next_power_of_2(int(topk))),
+                                 EXACT_ENTROPY=not entropy_topk, BLOCK_V=block,
+                                 num_warps=8 if block >= 2048 else 4)
+    return merge_partials(part, cand_v, cand_i, tokens, tokens != ignore_index, int(topk), entropy_topk)
 
 
 def token_stats_backward(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, topk_set: Tensor, c: Tensor,
                          g_logp: Tensor, g_entropy: Tensor, temperature: float, ignore_index: int,
-                         entropy_topk: bool) -> Tensor:
-    """Gradient w.r.t. logits [N, V] (contiguous, logits' dtype)."""
+                         entropy_topk: bool, out: Tensor | None = None) -> Tensor:
+    """Gradient w.r.t. logits [N, V] (contiguous, logits' dtype); written into `out` when given, which may be
+    `logits` itself (each program reads its tile before writing the same tile)."""
     logits = _rows_contiguous(logits)
     n, v = logits.shape
-    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device) if out is None else out
+    if not (grad.shape == (n, v) and grad.dtype == logits.dtype and grad.is_contiguous()):
+        raise ValueError(f"out: expected a contiguous {list(logits.shape)} {logits.dtype} tensor, got "
+                         f"{list(grad.shape)} {grad.dtype} with strides {grad.stride()}")
     if n and v:
         tokens, lse, entropy, topk_set, c, g_logp, g_entropy, k = backward_inputs(
             tokens, lse, entropy, topk_set, c, g_logp, g_entropy, entropy_topk)
