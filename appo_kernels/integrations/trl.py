@@ -156,6 +156,13 @@ class APPOTrainer(_trl.GRPOTrainer):
         if self.tools or self.environment_factories is not None:
             raise NotImplementedError("tools / environment_factory: TRL runs its tool loop after the rollout hook, "
                                       "so APPO's forks would only fall in the first turn; not supported")
+        sharded = getattr(self, "is_fsdp_enabled", False) or (
+            getattr(self, "is_deepspeed_enabled", False)
+            and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3)
+        if args.appo_omega_source == "prev_policy" and sharded:
+            raise NotImplementedError("appo_omega_source: 'prev_policy' keeps a deep copy of the policy, which "
+                                      "sharded parameters (FSDP, DeepSpeed ZeRO-3) do not allow; use 'reference' "
+                                      "or 'none'")
         if args.appo_omega_source == "reference" and self.ref_model is None:
             raise ValueError("appo_omega_source: 'reference' needs a separate reference model (PEFT adapters "
                              "share weights with the policy); use 'prev_policy'")
