@@ -27,6 +27,7 @@ step() { echo; echo "== $1"; shift; "$@" || { echo "!! failed: $*"; status=1; };
 
 step "build (CPU + CUDA modules)" env APPO_KERNELS_BUILD_CUDA=1 APPO_KERNELS_BUILD_NATIVE=1 \
   pip install -q --no-build-isolation --no-deps -e .
+step "Triton kernels compile for this GPU's toolchain (registers / spills)" python .ci/check_triton.py
 step "GPU tests vs the torch reference" python -m pytest tests/test_gpu.py -q -x
 step "CUDA kernels at real sizes (split path, graphs) + timings vs the bandwidth floor" bash -c \
   'nvcc -O3 -std=c++17 -arch=sm_90 -Xcompiler -fPIC -shared csrc/cuda/*.cu -o /tmp/libappo_cuda.so &&
