@@ -43,6 +43,9 @@ def run(inputs, tokens):
     if mode == "library":
         r = ak.token_stats(inputs[0], tokens, backend=backend)
         logp, ent = r.logp, r.entropy
+    elif mode == "inplace":     # the gradient written over the logits (a view: inplace_backward refuses leaves)
+        r = ak.token_stats(inputs[0].view_as(inputs[0]), tokens, inplace_backward=True, backend=backend)
+        logp, ent = r.logp, r.entropy
     elif mode == "eager":
         logp, ent = eager(inputs[0], tokens)
     elif mode == "linear_library":
@@ -126,3 +129,12 @@ def test_linear_token_stats_never_holds_nv(backend):
 def test_control_linear_materialised_exceeds_threshold():
     growth = measure("linear_eager")
     assert growth > 0.5 * NV4, f"the probe cannot tell: materialised logits grew only {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_inplace_backward_allocates_no_gradient_buffer():
+    # the torch backend writes the gradient over the logits tile by tile: no [N, V] allocation at all
+    growth = measure("inplace", "torch")
+    assert growth < 0.5 * NV4, (
+        f"token_stats with inplace_backward grew the peak RSS by {growth / 2**20:.0f} MiB; limit 0.5 * N*V*4 = "
+        f"{0.5 * NV4 / 2**20:.0f} MiB")
