@@ -1,5 +1,10 @@
 """The TRL adapter end to end on CPU: a tiny Qwen2 built from a config (no download) trained for a few steps by
 APPOTrainer; the rollout tree, the per-token advantages and the loss are checked against the float64 oracle."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -7,6 +12,7 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 import oracle
+from transformers import AutoTokenizer
 from helpers import run_docs_example
 from appo_kernels.integrations.trl import APPOConfig, APPOTrainer, _num_groups
 
@@ -163,6 +169,32 @@ def test_evaluation_samples_plain_rollouts(model_dir, tmp_path):
     metrics = trainer.evaluate(datasets.Dataset.from_dict({"prompt": PROMPTS[:2]}))
     assert all(p == -1 for tree, _ in trainer.batches for p in tree["appo_parent"])   # no forks in evaluation
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+
+
+def test_two_processes_each_fork_and_score_their_own_groups(model_dir, tmp_path):
+    # torchrun, 2 CPU processes (gloo): each rank's generation batch holds whole groups; its advantages come
+    # from its own slice of TRL's gathered rewards, and the loss normaliser counts both ranks' loss tokens.
+    worker = os.path.join(os.path.dirname(__file__), "trl_worker.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          worker, model_dir, str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"}, check=False)
+    assert run.returncode == 0, run.stderr[-4000:]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ranks = [[json.loads(line) for line in open(tmp_path / f"rank{r}.jsonl")] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    for first, second in zip(*ranks):
+        assert not set(first["prompts"]) & set(second["prompts"])          # the ranks hold different prompts
+        loss_tokens = 0
+        for rec in (first, second):
+            assert any(p >= 0 for p in rec["appo_parent"])
+            texts = tokenizer.batch_decode(rec["ids"], skip_special_tokens=True)
+            expected = oracle.procedure_advantages(a_fraction(texts), [r // 4 for r in range(8)], rec["appo_parent"],
+                                                   rec["appo_split"], [_rows(m) for m in rec["mask"]],
+                                                   branch_score=rec["appo_branch_score"], branch_strength_scaling=True)
+            torch.testing.assert_close(torch.tensor(rec["advantages"], dtype=torch.float64),
+                                       torch.tensor(expected["advantages"], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+            loss_tokens += sum(map(sum, expected["loss_mask"]))
+        assert first["items"] == second["items"] == loss_tokens
 
 
 @pytest.mark.parametrize("bad, match", [
