@@ -9,9 +9,9 @@ Forward (`_fwd_kernel`): a grid over (row tiles of BLOCK_N, vocabulary splits). 
 vocabulary range in BLOCK_V tiles; each [BLOCK_N, BLOCK_V] logits tile is `tl.dot` over H in BLOCK_H steps
 (fp32 accumulation), then folded into per-row online partials: running max m, se = sum exp(s - m),
 sh = sum exp(s - m) * (s - m) (one exp2 per element) and the target logit. The per-(split, row) partials are
-merged in torch exactly like the reference's `merge` (rescale by exp(m - m_new)). Top-k (k > 0): each tile
-yields its k best (value desc, ties to the smaller id) as candidates [N, tiles, k]; a stable descending sort
-of the candidates (tile order = id order) gives the global top-k with ties to the smaller id. The top-k
+merged in torch by `token_stats.merge_partials` (rescale by exp(m - m_new), as the reference's `merge`). Top-k
+(k > 0): each tile yields its k best (value desc, ties to the smaller id) as candidates [N, tiles, k], which
+`merge_partials` sorts by (value desc, id asc) into the global top-k. The top-k
 entropy, c and topk_set are O(N*k) and computed in torch (`token_stats._topk_entropy`).
 
 Backward, by recomputation, deterministic (no atomics), two kernels sharing `_grad_tile`:
