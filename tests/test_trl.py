@@ -51,8 +51,9 @@ class Recorder(APPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        self.batches.append(({k: [x[k] for x in inputs] for k in ("appo_parent", "appo_split", "appo_branch_score")},
-                             {k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()}))
+        tree = {k: [x[k] for x in inputs] for k in ("appo_parent", "appo_split", "appo_branch_score")}
+        tree["table"] = list(self._logs["advantages"])[-len(inputs):]      # TRL's completions table column
+        self.batches.append((tree, {k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()}))
         return out
 
     def _compute_loss(self, model, inputs):
@@ -110,6 +111,9 @@ def test_branches_fork_from_their_parents_and_get_procedure_advantages(model_dir
                                    dtype=torch.float64), rtol=1e-5, atol=1e-5)
         assert torch.equal(out["tool_mask"].bool(), torch.tensor(expected["loss_mask"]))
         assert int(out["num_items_in_batch"]) == sum(map(sum, expected["loss_mask"]))
+        table = [sum(a for a, m in zip(row, lm) if m) / max(sum(lm), 1)       # TRL's completions table
+                 for row, lm in zip(expected["advantages"], expected["loss_mask"])]
+        assert tree["table"] == pytest.approx(table, abs=1e-5)
         varied += sum(len(set(a for a, m in zip(row, lm) if m)) > 1
                       for row, lm in zip(expected["advantages"], expected["loss_mask"]))
     assert forked and varied, "no branch was forked or no advantage varied along a rollout: the test checks nothing"

@@ -331,6 +331,12 @@ class APPOTrainer(_trl.GRPOTrainer):
         output["advantages"] = adv.advantages
         output["tool_mask"] = adv.loss_mask.long()
         output["num_items_in_batch"] = self.accelerator.gather(adv.loss_mask.sum()).sum()
+        # TRL's completions table logged GRPO's sequence advantages: show APPO's, as the mean over loss tokens.
+        per_row = (adv.advantages * adv.loss_mask).sum(1) / adv.loss_mask.sum(1).clamp(min=1)
+        logged = self._logs["advantages"]
+        for _ in range(min(len(logged), rows * self.accelerator.num_processes)):
+            logged.pop()
+        logged.extend(self.accelerator.gather(per_row).tolist())
         if train:
             initial = adv.loss_mask & (tree["appo_parent"] < 0)[:, None]
             self._metrics["train"]["appo/multiplier_mean"].append(
