@@ -210,12 +210,14 @@ def test_two_processes_each_fork_and_score_their_own_groups(model_dir, tmp_path)
     (dict(multi_objective_aggregation="normalize_then_sum"), "sum_then_normalize"),
     (dict(appo_clip_ratio_c=1.0), "appo_clip_ratio_c"),
     (dict(appo_score_batch_size=0), "appo_score_batch_size: expected a positive int"),
+    (dict(num_generations=2, per_device_train_batch_size=4), "every dual-group advantage is 0"),
     (dict(importance_sampling_level="sequence"), "importance_sampling_level: not implemented by APPO's loss"),
     (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
 ])
 def test_config_errors_name_the_setting(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
-        APPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, use_cpu=True, **bad)
+        APPOConfig(output_dir=str(tmp_path), **(dict(num_generations=4, per_device_train_batch_size=8) | bad),
+                   use_cpu=True)
 
 
 def test_trainer_errors(model_dir, tmp_path):

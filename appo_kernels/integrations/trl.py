@@ -85,6 +85,11 @@ class APPOConfig(_trl.GRPOConfig):
         if n_init is not None and not (isinstance(n_init, int) and 1 <= n_init < self.num_generations):
             raise ValueError(f"appo_num_initial: expected an int in [1, num_generations - 1 = "
                              f"{self.num_generations - 1}], got {n_init!r}")
+        n_init = self.num_initial
+        if n_init < 2 and self.num_generations - n_init < 2:
+            raise ValueError(f"num_generations: {self.num_generations} rollouts per prompt as {n_init} initial + "
+                             f"{self.num_generations - n_init} branch leave every (prompt, kind) group with one "
+                             f"rollout, so every dual-group advantage is 0 (SPEC 5); use num_generations >= 3")
         if self.appo_omega_source == "behavior" and not self.use_vllm:
             raise ValueError("appo_omega_source: 'behavior' needs the sampler's log-probs, which TRL only returns "
                              "with use_vllm=True (transformers.generate returns none); use 'prev_policy'")
