@@ -50,10 +50,12 @@ def signature(fn, constexprs: dict, ptrs: dict) -> dict:
 
 def variants():
     """(label, kernel, constexprs, pointer dtypes, num_warps): what the wrappers launch on a GPU."""
-    for dt, k, exact in (("bf16", 0, True), ("bf16", 10, True), ("fp32", 64, False)):
-        yield (f"token_stats fwd {dt} k={k} {'exact' if exact else 'topk'}-entropy", ts._fwd_kernel,
-               {"K": k, "KP": max(2, triton.next_power_of_2(k)), "EXACT_ENTROPY": exact, "BLOCK_V": 4096},
-               {"x_ptr": f"*{dt}", "tok_ptr": "*i64", "ci_ptr": "*i64"}, 8)
+    for dt, k, exact, single in (("bf16", 0, True, True), ("bf16", 10, True, True), ("fp32", 64, False, True),
+                                 ("bf16", 10, True, False)):
+        yield (f"token_stats fwd {dt} k={k} {'exact' if exact else 'topk'}-entropy "
+               f"{'one split' if single else 'splits'}", ts._fwd_kernel,
+               {"K": k, "KP": max(2, triton.next_power_of_2(k)), "EXACT_ENTROPY": exact, "SINGLE": single,
+                "BLOCK_V": 4096}, {"x_ptr": f"*{dt}", "tok_ptr": "*i64", "id_ptr": "*i64"}, 8)
     for dt, k, topk_entropy in (("bf16", 0, False), ("fp32", 10, True)):
         yield (f"token_stats bwd {dt} {'topk' if topk_entropy else 'exact'}-entropy", ts._bwd_kernel,
                {"K": k, "TOPK_ENTROPY": topk_entropy, "BLOCK_V": 2048},

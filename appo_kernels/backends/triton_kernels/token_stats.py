@@ -11,9 +11,10 @@ tiles, keeping a running max `m`, `se = sum exp(s - m)` and `sh = sum exp(s - m)
 the max grows), with one exp2 per element, and loads the target logit if its split holds it. Top-k (k > 0,
 at most 64) is kept in registers during the same pass: a tile is merged into the running list (k rounds
 over tile + list, value desc, ties to the smaller id) only when its maximum beats the k-th kept value, so
-the per-element work stays that of the statistics. The per-split partials and candidates are merged in torch
-(`merge_partials`, shared with linear_token_stats): lse = m + log se, exact entropy = log se - sh / se
-(= lse - sum p*s, never -sum p log p per element). The exact-entropy accumulator compiles out when the
+the per-element work stays that of the statistics. With one split the kernel writes the final statistics:
+lse = m + log se, exact entropy = log se - sh / se (= lse - sum p*s, never -sum p log p per element), top-k
+log-probs; with several, the per-split partials and candidates are merged in torch by the same formulas
+(`merge_partials`, shared with linear_token_stats). The exact-entropy accumulator compiles out when the
 top-k entropy is asked for; the top-k entropy, its constant c and topk_set are O(N*k) and are computed in
 torch from the top-k log-probs and target log-prob (`_topk_entropy`).
 
@@ -36,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._types import RowStats, backward_inputs, rows_contiguous
+from .._types import RowStats, backward_inputs, empty_row_stats, rows_contiguous
 from ..triton_backend import TOKEN_STATS_MAX_TOPK as MAX_TOPK
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,10 +53,13 @@ def _block(v: int, cap: int) -> int:
 
 
 @triton.jit(do_not_specialize=["V", "v_per_split"])   # V seeds loop-carried ids: never a constexpr (V == 1)
-def _fwd_kernel(x_ptr, stride_row, tok_ptr, m_ptr, se_ptr, sh_ptr, tgt_ptr, cv_ptr, ci_ptr,
-                N, V, v_per_split, ignore_index, inv_t,
-                K: tl.constexpr, KP: tl.constexpr, EXACT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Program (row, split): partials over columns [split * v_per_split, +v_per_split) of one row."""
+def _fwd_kernel(x_ptr, stride_row, tok_ptr, m_ptr, se_ptr, sh_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr,
+                val_ptr, id_ptr, N, V, v_per_split, ignore_index, inv_t,
+                K: tl.constexpr, KP: tl.constexpr, EXACT_ENTROPY: tl.constexpr, SINGLE: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    """Program (row, split) over columns [split * v_per_split, +v_per_split) of one row. SINGLE (one split):
+    the row's final lse / logp / entropy and top-k (val = log-probs, id = ids, [N, K]). Otherwise partials
+    (m, se, sh, target logit) at [split, row] and top-k candidates (val = scaled logits) at [row, split, K]."""
     LOG2E: tl.constexpr = 1.4426950408889634
     NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
@@ -121,16 +125,27 @@ def _fwd_kernel(x_ptr, stride_row, tok_ptr, m_ptr, se_ptr, sh_ptr, tgt_ptr, cv_p
 
     # The target logit, from the split whose columns hold it (others add 0).
     here = valid & (tok >= v_start) & (tok < v_stop)
-    tgt = tl.load(base + tl.where(here, tok, 0), mask=here, other=0.0).to(tl.float32) * inv_t
-    out = split.to(tl.int64) * N + row
-    tl.store(m_ptr + out, m)
-    tl.store(se_ptr + out, se)
-    tl.store(sh_ptr + out, sh)
-    tl.store(tgt_ptr + out, tl.where(here, tgt, 0.0))
-    if K > 0:
-        off = (row * splits + split) * K + slot
-        tl.store(cv_ptr + off, top_v, mask=slot < K)
-        tl.store(ci_ptr + off, top_i.to(tl.int64), mask=slot < K)
+    tgt = tl.where(here, tl.load(base + tl.where(here, tok, 0), mask=here, other=0.0).to(tl.float32) * inv_t, 0.0)
+    off = (row * splits + split) * K + slot
+    if SINGLE:      # the common case (enough rows): final statistics, no merge pass
+        log_se = tl.log(se)
+        lse = m + log_se
+        tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+        tl.store(logp_ptr + row, tl.where(valid, tgt - lse, 0.0))
+        if EXACT_ENTROPY:
+            tl.store(ent_ptr + row, tl.where(valid, log_se - sh / se, 0.0))
+        if K > 0:
+            tl.store(val_ptr + off, tl.where(valid, top_v - lse, 0.0), mask=slot < K)
+            tl.store(id_ptr + off, tl.where(valid, top_i, 0).to(tl.int64), mask=slot < K)
+    else:
+        out = split.to(tl.int64) * N + row
+        tl.store(m_ptr + out, m)
+        tl.store(se_ptr + out, se)
+        tl.store(sh_ptr + out, sh)
+        tl.store(tgt_ptr + out, tgt)
+        if K > 0:
+            tl.store(val_ptr + off, top_v, mask=slot < K)
+            tl.store(id_ptr + off, top_i.to(tl.int64), mask=slot < K)
 
 
 @triton.jit
@@ -259,16 +274,25 @@ def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk
     per_split = triton.cdiv(v, max(1, min(int(vocab_splits), v)))
     splits = triton.cdiv(v, per_split)
     block = int(block_v) if block_v is not None else _block(per_split, cap)
-    part = torch.empty(4, splits, n, dtype=torch.float32, device=dev)
-    cand_v = torch.empty(n, splits, topk, dtype=torch.float32, device=dev)
-    cand_i = torch.empty(n, splits, topk, dtype=torch.int64, device=dev)
+    single = splits == 1
+    valid = tokens != ignore_index
+    final = empty_row_stats(n, topk, False, dev)
+    part = torch.empty(4, 0 if single else splits, n, dtype=torch.float32, device=dev)
+    cand_v = final.topk_logp if single else torch.empty(n, splits, topk, dtype=torch.float32, device=dev)
+    cand_i = final.topk_ids if single else torch.empty(n, splits, topk, dtype=torch.int64, device=dev)
     if n:
-        _fwd_kernel[(n, splits)](logits, logits.stride(0), tokens, part[0], part[1], part[2], part[3], cand_v, cand_i,
-                                 n, v, per_split, int(ignore_index), 1.0 / float(temperature),
+        partials = (final.lse,) * 4 if single else tuple(part)      # unused pointers get a valid tensor
+        _fwd_kernel[(n, splits)](logits, logits.stride(0), tokens, *partials, final.lse, final.logp, final.entropy,
+                                 cand_v, cand_i, n, v, per_split, int(ignore_index), 1.0 / float(temperature),
                                  K=int(topk), KP=max(2, triton.next_power_of_2(int(topk))),
-                                 EXACT_ENTROPY=not entropy_topk, BLOCK_V=block,
+                                 EXACT_ENTROPY=not entropy_topk, SINGLE=single, BLOCK_V=block,
                                  num_warps=8 if block >= 2048 else 4)
-    return merge_partials(part, cand_v, cand_i, tokens, tokens != ignore_index, int(topk), entropy_topk)
+    if not single:
+        return merge_partials(part, cand_v, cand_i, tokens, valid, int(topk), entropy_topk)
+    if entropy_topk:
+        entropy, c, topk_set = _topk_entropy(final.logp, final.topk_ids, final.topk_logp, tokens, valid)
+        return final._replace(entropy=entropy, topk_set=topk_set, c=c)
+    return final
 
 
 def token_stats_backward(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, topk_set: Tensor, c: Tensor,
