@@ -260,9 +260,9 @@ class APPOTrainer(_trl.GRPOTrainer):
         behavior = None if sampling_logps is None else _pad_rows(sampling_logps, 0.0).float()
         scores, candidates, omega_sum, with_omega = [], [], 0.0, False
         chunk = self.args.appo_score_batch_size or self.args.per_device_train_batch_size
+        dev = self.accelerator.device
         for lo in range(0, len(completions), chunk):
             sl = slice(lo, lo + chunk)
-            dev = self.accelerator.device
             logits = self._completion_logits(policy, prompt_ids[sl], tokens[sl], lengths[sl])
             tok, m = tokens[sl].to(dev), mask[sl].to(dev)
             logp_old = None
