@@ -31,6 +31,9 @@ entropy masks / bonuses, off-policy masks, two-sided `delta` clipping).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -38,9 +41,91 @@ from torch import Tensor
 
 from .. import (branching_score, future_kl_weights, policy_loss, procedure_advantages, select_branch_points,
                 token_stats)
-from . import require
 
-_trl = require("trl", "trl")
+# The adapter overrides and calls private GRPOTrainer methods, which TRL changes between minor releases: it is
+# tested with these releases only, and importing it checks the installed TRL against them (`check_trl`).
+TESTED_TRL = ">=1.16,<1.17"
+TESTED_TRL_RELEASES = ("1.16.0",)
+# Overridden: TRL calls them with exactly these parameters.
+_OVERRIDDEN = {"_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+               "_generate_and_score_completions": ("self", "inputs"),
+               "_compute_loss": ("self", "model", "inputs")}
+# Called: the adapter passes these leading parameters positionally; any later ones must have defaults.
+_CALLED = {"_tokenize_prompts": ("self", "prompts"),
+           "_generate_single_turn": ("self", "prompt_ids", "images", "multimodal_fields", "num_generations"),
+           "_get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask", "logits_to_keep")}
+_INIT_KEYWORDS = ("rollout_func", "tools", "environment_factory")
+# GRPOConfig fields APPOConfig reads or re-defaults (a re-default of a field TRL dropped would be a dead setting).
+_CONFIG_FIELDS = ("num_generations", "per_device_train_batch_size", "steps_per_generation", "use_vllm", "beta",
+                  "epsilon_high", "scale_rewards", "multi_objective_aggregation", "importance_sampling_level",
+                  "top_entropy_quantile", "entropy_coef", "use_adaptive_entropy", "off_policy_mask_threshold",
+                  "delta")
+# Set by GRPOTrainer.__init__ and read by the adapter: checked when an APPOTrainer is built.
+_ATTRIBUTES = ("_metrics", "_logs", "_tokenizer", "tools", "environment_factories", "eos_token_ids", "ref_model",
+               "reward_weights", "num_generations_eval")
+INSTALL_HINT = (f"in a clone of the appo_kernels repository, pip install \".[trl]\" (or pip install "
+                f"\"trl{TESTED_TRL}\"); see docs/trl.md")
+
+
+def _untested(version: str, problems: list[str]) -> str:
+    return (f"appo_kernels.integrations.trl is tested with trl{TESTED_TRL} (releases "
+            f"{', '.join(TESTED_TRL_RELEASES)}) and relies on GRPOTrainer's private hooks; the installed trl {version} "
+            f"does not match: {'; '.join(problems)}. Install a tested release: {INSTALL_HINT}")
+
+
+def check_trl(trl) -> None:
+    """Raise ImportError, naming the tested releases, unless `trl`'s version is in `TESTED_TRL` and GRPOTrainer /
+    GRPOConfig have every hook, parameter and field the adapter relies on."""
+    from packaging.specifiers import SpecifierSet
+
+    problems = []
+    if trl.__version__ not in SpecifierSet(TESTED_TRL, prereleases=True):
+        problems.append(f"version {trl.__version__} is outside {TESTED_TRL}")
+    trainer = trl.GRPOTrainer
+    for name, expected in (_OVERRIDDEN | _CALLED).items():
+        fn = getattr(trainer, name, None)
+        if not callable(fn):
+            problems.append(f"GRPOTrainer.{name} is missing")
+            continue
+        params = inspect.signature(fn).parameters
+        names = tuple(params)
+        if name in _OVERRIDDEN:
+            fits = names == expected
+        else:
+            fits = names[:len(expected)] == expected and all(
+                p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                for p in list(params.values())[len(expected):])
+        if not fits:
+            problems.append(f"GRPOTrainer.{name}({', '.join(names)}) is not ({', '.join(expected)}"
+                            f"{'' if name in _OVERRIDDEN else ', <optional ...>'})")
+    init = inspect.signature(trainer.__init__).parameters
+    problems += [f"GRPOTrainer.__init__ has no `{k}` parameter" for k in _INIT_KEYWORDS if k not in init]
+    fields = {f.name for f in dataclasses.fields(trl.GRPOConfig)}
+    problems += [f"GRPOConfig has no field `{k}`" for k in _CONFIG_FIELDS if k not in fields]
+    if problems:
+        raise ImportError(_untested(trl.__version__, problems))
+
+
+def _check_attributes(trainer) -> None:
+    """The attributes GRPOTrainer.__init__ sets that the adapter reads (only an instance has them)."""
+    problems = [f"GRPOTrainer.__init__ sets no `{name}`" for name in _ATTRIBUTES if not hasattr(trainer, name)]
+    if not problems and not ({"train", "eval"} <= trainer._metrics.keys() and "advantages" in trainer._logs):
+        problems.append("GRPOTrainer._metrics has no 'train' and 'eval' or _logs no 'advantages'")
+    if problems:
+        raise RuntimeError(_untested(_trl.__version__, problems))
+
+
+def _import_trl():
+    try:
+        trl = importlib.import_module("trl")
+    except ImportError as err:
+        raise ImportError(f"trl is needed for appo_kernels.integrations.trl and is not installed: "
+                          f"{INSTALL_HINT}") from err
+    check_trl(trl)
+    return trl
+
+
+_trl = _import_trl()
 
 OMEGA_SOURCES = ("prev_policy", "reference", "behavior", "none")
 
@@ -158,6 +243,7 @@ class APPOTrainer(_trl.GRPOTrainer):
         if not isinstance(args, APPOConfig):
             raise TypeError(f"args: expected an APPOConfig, got {type(args).__name__}")
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
+        _check_attributes(self)
         if self.tools or self.environment_factories is not None:
             raise NotImplementedError("tools / environment_factory: TRL runs its tool loop after the rollout hook, "
                                       "so APPO's forks would only fall in the first turn; not supported")
