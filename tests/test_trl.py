@@ -211,6 +211,10 @@ def test_two_processes_each_fork_and_score_their_own_groups(model_dir, tmp_path)
     (dict(appo_clip_ratio_c=1.0), "appo_clip_ratio_c"),
     (dict(appo_score_batch_size=0), "appo_score_batch_size: expected a positive int"),
     (dict(num_generations=2, per_device_train_batch_size=4), "every dual-group advantage is 0"),
+    # APPO's checks answer before GRPOConfig's: TRL would refuse num_generations=1 ("at least 2 generations") and a
+    # generation batch of 6 rows for groups of 4 ("must be divisible by num_generations") with its own messages.
+    (dict(num_generations=1, per_device_train_batch_size=4), "num_generations: APPO needs at least 3"),
+    (dict(appo_clip_ratio_c=1.0, per_device_train_batch_size=6), "appo_clip_ratio_c"),
     (dict(importance_sampling_level="sequence"), "importance_sampling_level: not implemented by APPO's loss"),
     (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
 ])
@@ -220,11 +224,24 @@ def test_config_errors_name_the_setting(tmp_path, bad, match):
                    use_cpu=True)
 
 
+def test_scale_rewards_takes_trls_booleans(tmp_path):
+    for given, meant in ((True, "group"), (False, "none")):
+        args = APPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, use_cpu=True,
+                          scale_rewards=given)
+        assert args.scale_rewards == meant
+
+
 def test_trainer_errors(model_dir, tmp_path):
     from trl import GRPOConfig
     ds = datasets.Dataset.from_dict({"prompt": PROMPTS})
     with pytest.raises(ValueError, match="rollout_func: APPOTrainer generates through its own rollout hook"):
         APPOTrainer(model=model_dir, reward_funcs=a_fraction, train_dataset=ds, rollout_func=lambda p, t: {})
+    # the tiny model's tokenizer has no chat template: TRL's own check ("does not support tool calling") would
+    # answer first if APPOTrainer did not check before calling GRPOTrainer.__init__
+    with pytest.raises(NotImplementedError, match="tools / environment_factory"):
+        APPOTrainer(model_dir, a_fraction, None, ds, tools=[a_fraction])
+    with pytest.raises(NotImplementedError, match="tools / environment_factory"):
+        APPOTrainer(model=model_dir, reward_funcs=a_fraction, train_dataset=ds, environment_factory=object)
     with pytest.raises(TypeError, match="args: expected an APPOConfig, got GRPOConfig"):
         APPOTrainer(model=model_dir, reward_funcs=a_fraction, train_dataset=ds,
                     args=GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8,

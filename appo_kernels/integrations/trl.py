@@ -163,25 +163,29 @@ class APPOConfig(_trl.GRPOConfig):
         "help": "KL(pi || pi_ref) coefficient, k3 estimator (SPEC 7); 0.0 loads no reference model."})
 
     def __post_init__(self):
+        # APPO's checks first: they read only fields as given, and GRPOConfig's own checks would otherwise answer
+        # first for a setting APPO refuses anyway.
+        self._check_appo()
         super().__post_init__()
+
+    def _check_appo(self) -> None:
         if self.appo_omega_source not in OMEGA_SOURCES:
             raise ValueError(f"appo_omega_source: expected one of {OMEGA_SOURCES}, got {self.appo_omega_source!r}")
+        if not self.num_generations >= 3:
+            raise ValueError(f"num_generations: APPO needs at least 3 rollouts per prompt; with {self.num_generations} "
+                             f"every (prompt, initial/branch) group holds at most one rollout, so every dual-group "
+                             f"advantage is 0 (SPEC 5)")
         n_init = self.appo_num_initial
         if n_init is not None and not (isinstance(n_init, int) and 1 <= n_init < self.num_generations):
             raise ValueError(f"appo_num_initial: expected an int in [1, num_generations - 1 = "
                              f"{self.num_generations - 1}], got {n_init!r}")
-        n_init = self.num_initial
-        if n_init < 2 and self.num_generations - n_init < 2:
-            raise ValueError(f"num_generations: {self.num_generations} rollouts per prompt as {n_init} initial + "
-                             f"{self.num_generations - n_init} branch leave every (prompt, kind) group with one "
-                             f"rollout, so every dual-group advantage is 0 (SPEC 5); use num_generations >= 3")
         if self.appo_omega_source == "behavior" and not self.use_vllm:
             raise ValueError("appo_omega_source: 'behavior' needs the sampler's log-probs, which TRL only returns "
                              "with use_vllm=True (transformers.generate returns none); use 'prev_policy'")
         if self.appo_omega_source == "reference" and self.beta == 0.0:
             raise ValueError("appo_omega_source: 'reference' needs TRL's reference model, which it loads only when "
                              "beta > 0; got beta=0.0")
-        if self.scale_rewards not in ("group", "none"):
+        if self.scale_rewards not in ("group", "none", True, False):     # GRPOConfig maps True / False to these
             raise ValueError(f"scale_rewards: APPO normalises within (prompt, initial/branch) groups, so 'group' "
                              f"or 'none' (SPEC 5); got {self.scale_rewards!r}")
         if self.multi_objective_aggregation != "sum_then_normalize":
@@ -239,14 +243,16 @@ class APPOTrainer(_trl.GRPOTrainer):
         if rollout_func is not None:
             raise ValueError("rollout_func: APPOTrainer generates through its own rollout hook (initial rollouts, "
                              "then branches); it cannot take another one")
+        given = inspect.signature(_trl.GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *pos, **kwargs)
+        if given.arguments.get("tools") or given.arguments.get("environment_factory") is not None:
+            # before GRPOTrainer's own checks of the tools (chat template, transformers version)
+            raise NotImplementedError("tools / environment_factory: TRL runs its tool loop after the rollout hook, "
+                                      "so APPO's forks would only fall in the first turn; not supported")
         args = APPOConfig() if args is None else args
         if not isinstance(args, APPOConfig):
             raise TypeError(f"args: expected an APPOConfig, got {type(args).__name__}")
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
         _check_attributes(self)
-        if self.tools or self.environment_factories is not None:
-            raise NotImplementedError("tools / environment_factory: TRL runs its tool loop after the rollout hook, "
-                                      "so APPO's forks would only fall in the first turn; not supported")
         sharded = getattr(self, "is_fsdp_enabled", False) or (
             getattr(self, "is_deepspeed_enabled", False)
             and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3)
