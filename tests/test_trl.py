@@ -248,8 +248,27 @@ def test_trainer_errors(model_dir, tmp_path):
                                     use_cpu=True))
     with pytest.raises(ValueError, match="whole groups of num_generations=4"):
         _num_groups(["p", "p", "p", "q", "q", "q", "q", "p"], 4)
-    with pytest.raises(ValueError, match="reward for every completion"):
-        train(model_dir, tmp_path, reward=lambda completions, **_: [None] * len(completions), steps=1)
+
+
+def _length_on_even_rows(completions, **_):
+    return [len(c) / 12 if i % 2 == 0 else None for i, c in enumerate(completions)]
+
+
+def test_a_reward_of_none_adds_nothing_unless_every_function_returns_it(model_dir, tmp_path):
+    # None from one of two reward functions: that completion's reward is the other function's (TRL's nansum)
+    trainer = train(model_dir, tmp_path, reward=[a_fraction, _length_on_even_rows], steps=1)
+    tree, out = trainer.batches[0]
+    texts = trainer.processing_class.batch_decode(out["completion_ids"], skip_special_tokens=True)
+    rewards = [a + (b or 0.0) for a, b in zip(a_fraction(texts), _length_on_even_rows(texts))]
+    expected = oracle.procedure_advantages(rewards, [r // 4 for r in range(8)], tree["appo_parent"],
+                                           tree["appo_split"], [_rows(m) for m in out["completion_mask"]],
+                                           branch_score=tree["appo_branch_score"], branch_strength_scaling=True)
+    torch.testing.assert_close(out["advantages"].double(), torch.tensor(expected["advantages"], dtype=torch.float64),
+                               rtol=1e-5, atol=1e-5)
+    # None from every function for some completions (the odd rows here): an error, not a silent 0
+    with pytest.raises(ValueError, match=r"every reward function returned None for 4 completion\(s\); APPO needs a "
+                                         r"reward for every completion"):
+        train(model_dir, tmp_path, reward=[_length_on_even_rows, _length_on_even_rows], steps=1)
 
 
 def test_the_docs_example_runs():

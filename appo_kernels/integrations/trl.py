@@ -24,8 +24,8 @@ What changes against GRPO (see docs/trl.md):
 
 Not supported (a clear error, not a silent fallback): TRL tools / environments (its tool loop runs after the
 rollout hook, so forks would only fall in the first turn), multimodal prompts, a user `rollout_func`,
-`scale_rewards="batch"`, `multi_objective_aggregation="normalize_then_sum"`, reward functions returning None,
-and, with `appo_loss=True`, the GRPO loss options it does not implement (sequence-level importance sampling,
+`scale_rewards="batch"`, `multi_objective_aggregation="normalize_then_sum"`, a completion for which every reward
+function returns None (None from only some of them adds 0, as in TRL), and, with `appo_loss=True`, the GRPO loss options it does not implement (sequence-level importance sampling,
 entropy masks / bonuses, off-policy masks, two-sided `delta` clipping).
 """
 from __future__ import annotations
@@ -404,9 +404,12 @@ class APPOTrainer(_trl.GRPOTrainer):
         TRL's loss multiplies into its mask) narrowed to APPO's loss mask."""
         output = super()._generate_and_score_completions(inputs)
         per_func, self._rewards_per_func = self._rewards_per_func, None
-        if torch.isnan(per_func).all(dim=1).any():
-            raise ValueError("reward_funcs: APPO needs a reward for every completion; some got None from every "
-                             "reward function")
+        unscored = int(torch.isnan(per_func).all(dim=1).sum())
+        if unscored:
+            # TRL would leave such a completion out of its group's baseline; APPO's tree needs every reward.
+            raise ValueError(f"reward_funcs: every reward function returned None for {unscored} completion(s); APPO "
+                             f"needs a reward for every completion: at least one function must return a number (None "
+                             f"from only some of them adds 0 to the weighted sum, as in TRL)")
         rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)
         rows = len(inputs)
         rank = self.accelerator.process_index
