@@ -2,6 +2,7 @@
 each algorithm's rollouts and advantages, exact resume, and the CLI end to end (tiny configurations)."""
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from appo_train import algorithms
-from appo_train.cli import SMOKE
+from appo_train.cli import SMOKE, compare_parser, main, report_parser, train_parser
 from appo_train.policy import (
     GEN,
     PROMPT,
@@ -274,9 +275,20 @@ def test_cli_smoke_run_writes_metrics_plots_and_report(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "run"
     for name in ("metrics.jsonl", "metrics.csv", "training_curves.png", "report.html", "checkpoint.pt",
-                 "samples.json"):
+                 "samples.json", "config.json"):
         assert (run / name).stat().st_size > 0, name
     assert "success_before" in out.stdout and str(run / "report.html") in out.stdout
+    assert "this invocation: 5 RL steps" in out.stdout
+    # `report` rebuilds the run's own report: held-out success, the headline, the same table
+    page = (run / "report.html").read_text()
+    assert "Held-out success (sampled at temperature 1.0) went from" in page and "<th>success_before</th>" in page
+    assert main(["report", "--out", str(run)]) == 0
+    assert (run / "report.html").read_text() == page
+    # Started again, the finished run trains nothing and says so (no wall time of this call beside rl_minutes).
+    again = _run("--smoke", "--no-progress", "--out", str(run), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "the run had already finished (step 5); nothing was trained" in again.stdout
+    assert "this invocation" not in again.stdout and "| minutes" not in again.stdout
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["gen_tokens"] >= SMOKE["token_budget"] > records[-2]["gen_tokens"]
     samples = json.loads((run / "samples.json").read_text())
@@ -300,3 +312,66 @@ def test_more_ranks_than_prompts_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "world", lambda: (0, 8))
     with pytest.raises(ValueError, match=r"prompts_per_step: expected at least one prompt per rank \(8 ranks\)"):
         Trainer(smoke_config(tmp_path), progress=False)
+
+
+def test_report_of_a_missing_directory_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--out", str(tmp_path / "missing")])
+    assert str(e.value) == f"appo-train report: --out: {tmp_path / 'missing'} is not a directory"
+
+
+def test_help_lists_the_commands_and_states_every_default_truly(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "appo-train compare" in text and "appo-train report --out DIR" in text
+    defaults = TrainConfig()
+    for parser in (train_parser(), compare_parser(), report_parser()):
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            assert action.required or "default" in action.help, (parser.prog, action.option_strings)
+            if hasattr(defaults, action.dest) and action.dest not in ("out_dir", "progress"):
+                stated = re.search(r"\(default ([^;:)]+)", action.help).group(1)
+                assert stated == str(getattr(defaults, action.dest)), (action.dest, stated)
+                if action.dest in SMOKE:
+                    assert f"; {SMOKE[action.dest]} with --smoke" in action.help, action.dest
+            elif action.default not in (None, False, True):             # compare's --algos, --seeds, --out
+                default = action.default if isinstance(action.default, str) else " ".join(map(str, action.default))
+                assert f"(default {default})" in action.help, action.dest
+
+
+def test_compare_takes_seeds_not_a_single_seed(capsys):
+    assert compare_parser().parse_args(["--seeds", "3", "4"]).seeds == [3, 4]
+    with pytest.raises(SystemExit):
+        compare_parser().parse_args(["--seed", "3"])
+    assert "unrecognized arguments: --seed 3" in capsys.readouterr().err
+
+
+def test_progress_bar_shows_the_last_evaluation_between_evaluations(tmp_path, monkeypatch, warm):
+    import tqdm.auto
+    postfixes = []
+
+    class Bar:                                          # records what the trainer shows
+        def __init__(self, iterable=None, **kw):
+            self.iterable, self.n = iterable, 0
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix(self, **kw):
+            postfixes.append(kw)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    trainer = Trainer(smoke_config(tmp_path, sft_cache=warm.cfg.sft_cache, max_steps=3, eval_every=2,
+                                   token_budget=10**9), progress=True)
+    trainer.run()
+    evals = {r["step"]: r["eval_success"] for r in trainer.records if "eval_success" in r}
+    assert list(evals) == [0, 2, 3]                     # step 1 has no evaluation: it shows step 0's
+    assert [p["eval"] for p in postfixes if "step" in p] == [f"{evals[0]:.2f}", f"{evals[2]:.2f}", f"{evals[3]:.2f}"]

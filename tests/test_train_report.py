@@ -172,8 +172,8 @@ def test_html_report(tmp_path: Path) -> None:
         assert raw not in text
     assert "⟨call⟩" in text and "⟨/res⟩" in text and "⟨eos⟩" in text
 
-    # branch points: one fork marker each; branch provenance in the header
-    assert text.count("⑂") == n_bp
+    # branch points: one fork marker each (and one in the legend); branch provenance in the header
+    assert text.count('<span class="fork"></span>') == n_bp + 1
     assert "branch of #0, split at token 9" in text and text.count("initial") >= 2
 
     # images embedded once each, decoding to the original files
@@ -195,3 +195,49 @@ def test_html_report(tmp_path: Path) -> None:
     assert "score=-inf" in "".join(tips)
     assert f"background:{report.token_color(1.0, -1.0, 1.0)}" in text  # the top score (1.5) saturates
     assert "tok k-tool" in text and "tok k-prompt" in text and "cand" in text
+
+
+def _charmap(family: str) -> set[int]:
+    from matplotlib import font_manager, ft2font
+    path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+    return set(ft2font.FT2Font(path).get_charmap())
+
+
+def test_html_report_needs_only_glyphs_of_debians_default_fonts(tmp_path: Path) -> None:
+    # Debian's default fonts are DejaVu (fonts-dejavu-core; matplotlib bundles the same files): a character
+    # they lack renders as an empty box, as the old fork mark U+2442 did.
+    rollouts = [_rollout(0, "ax*bo?", 2), _rollout(1, "ax+3?", 1, branch=True)]
+    out = report.write_html_report(tmp_path / "report.html", title="t", summary_rows=[{"algo": "appo", "ok": True}],
+                                   rollouts=rollouts, images=[], notes="")
+    used = {ch for ch in out.read_text(encoding="utf-8") if ord(ch) > 127}
+    assert used                                       # the test looks at something: ·, ⟨, ✓ ...
+    for family in ("DejaVu Sans", "DejaVu Sans Mono"):
+        missing = sorted(f"U+{ord(ch):04X}" for ch in used if ord(ch) not in _charmap(family))
+        assert not missing, (family, missing)
+
+
+def test_summary_of_one_run_is_a_vertical_table_that_fits_the_page(tmp_path: Path) -> None:
+    row = {f"metric_{i}": i / 7 for i in range(20)}
+    text = report.write_html_report(tmp_path / "one.html", title="t", summary_rows=[row], rollouts=[], images=[]
+                                    ).read_text(encoding="utf-8")
+    table = text[text.index('<div class="wide"><table>'):]
+    assert "<thead>" not in table.split("</table>")[0]                        # one row per metric, not per run
+    assert table.count("<tr>") == 20 and "<tr><th>metric_3</th><td class=\"num\">0.429</td></tr>" in table
+    assert ".wide{overflow-x:auto" in text                                    # wide tables scroll in their box
+    two = report.write_html_report(tmp_path / "two.html", title="t", summary_rows=[row, row], rollouts=[], images=[]
+                                   ).read_text(encoding="utf-8")
+    assert two.count("<thead><tr>") == 1 and two.count("<tr>") == 3
+
+
+@pytest.mark.parametrize("seeds, says_bands", [((0,), False), ((0, 1), True)])
+def test_training_curves_subtitle_speaks_of_seeds_only_when_there_are_several(tmp_path: Path, monkeypatch,
+                                                                               seeds, says_bands) -> None:
+    from matplotlib.figure import Figure
+    titles = []
+    original = Figure.suptitle
+    monkeypatch.setattr(Figure, "suptitle", lambda self, t, **kw: titles.append(t) or original(self, t, **kw))
+    records = [r for r in _records(True) if r["seed"] in seeds]
+    report.plot_training_curves(records, tmp_path / "curves.png")
+    (title,) = titles
+    assert ("seed" in title and "bands" in title) == says_bands, title
+    assert ("one seed per algorithm" in title) != says_bands, title

@@ -39,18 +39,30 @@ def _config(args, **over):
     return TrainConfig(**kw)
 
 
+def _default(name: str) -> str:
+    """The help text's statement of a TrainConfig field's default (and its --smoke value, if it has one)."""
+    from .trainer import TrainConfig
+    value = next(f.default for f in fields(TrainConfig) if f.name == name)
+    return f"default {value}" + (f"; {SMOKE[name]} with --smoke" if name in SMOKE else "")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--token-budget", dest="token_budget", type=int,
-                   help="generated tokens of RL per run (default 300000)")
-    p.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many RL steps as well")
-    p.add_argument("--lr", type=float, help="RL learning rate (default 1e-4)")
+                   help=f"generated tokens of RL per run ({_default('token_budget')})")
+    p.add_argument("--max-steps", dest="max_steps", type=int,
+                   help=f"stop after this many RL steps as well ({_default('max_steps')}: the token budget alone decides)")
+    p.add_argument("--lr", type=float, help=f"RL learning rate ({_default('lr')})")
     p.add_argument("--omega-source", dest="omega_source", choices=OMEGA_SOURCES,
-                   help="what logp_old means in APPO's Omega (default prev_policy)")
-    p.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evaluations (default 10)")
-    p.add_argument("--backend", choices=("auto", "torch", "native", "triton"), help="appo_kernels backend")
-    p.add_argument("--smoke", action="store_true", help="a tiny configuration that runs in seconds (CI)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+                   help=f"what logp_old means in APPO's Omega ({_default('omega_source')})")
+    p.add_argument("--eval-every", dest="eval_every", type=int,
+                   help=f"RL steps between held-out evaluations, plus one at the end ({_default('eval_every')})")
+    p.add_argument("--backend", choices=("auto", "torch", "native", "triton"),
+                   help=f"appo_kernels backend; auto = the compiled native one when it is built ({_default('backend')})")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny configuration that runs in seconds, for CI (default off; sets "
+                        + ", ".join(f"{k}={v}" for k, v in SMOKE.items() if k != "policy") + " and a smaller policy)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (default: bars on stderr)")
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
@@ -105,54 +117,26 @@ def _distributed():
         dist.destroy_process_group()
 
 
-def train(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="appo-train", description="Warm start, then RL with one algorithm.")
-    p.add_argument("--algo", choices=ALGORITHMS, default="appo")
-    p.add_argument("--out", dest="out_dir", help="run directory (default runs/<algo>)")
-    _add_common(p)
-    args = p.parse_args(argv)
-    from .trainer import Trainer
-    cfg = _config(args, out_dir=args.out_dir or f"runs/{args.algo}{'-smoke' if args.smoke else ''}")
-    t0 = time.perf_counter()
-    with _distributed() as rank:
-        summary = Trainer(cfg, progress=args.progress).run()
-    if rank > 0:
-        return 0
-    summary["minutes"] = round((time.perf_counter() - t0) / 60, 2)
-    out = Path(cfg.out_dir)
-    paths = _write_report(out, [out], [summary], f"appo-train: {cfg.algo}, seed {cfg.seed}",
-                          f"Held-out success (sampled at temperature {cfg.temperature}) went from "
-                          f"{summary['success_before']:.3f} after the warm start to {summary['success']:.3f} after "
-                          f"{summary['steps']} RL steps ({summary['gen_tokens']} generated tokens).")
-    print()
-    print(_table([summary], list(summary)))
-    print("\nmetrics:", out / "metrics.jsonl", "|", out / "metrics.csv")
-    for path in paths:
-        print("report: " if path.suffix == ".html" else "plot:   ", path)
-    return 0
+def _headline(summary: dict, config: dict) -> str:
+    return (f"Held-out success (sampled at temperature {config['temperature']}) went from "
+            f"{summary['success_before']:.3f} after the warm start to {summary['success']:.3f} after "
+            f"{summary['steps']} RL steps ({summary['gen_tokens']} generated tokens).")
 
 
-def compare(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="appo-train compare",
-                                description="Every algorithm on several seeds at an equal generated-token budget.")
-    p.add_argument("--algos", nargs="+", choices=ALGORITHMS, default=["grpo", "arpo", "appo", "appo-entropy"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--out", default="runs/compare", help="directory for the runs and the results table")
-    _add_common(p)
-    args = p.parse_args(argv)
-    from .trainer import Trainer
-    out = Path(args.out)
-    summaries, run_dirs = [], []
-    for seed in args.seeds:
-        for algo in args.algos:
-            run = out / f"{algo}-s{seed}"
-            cfg = _config(args, algo=algo, seed=seed, out_dir=str(run), sft_cache=str(out / f"sft-s{seed}.pt"))
-            if args.progress:
-                print(f"== {algo}, seed {seed} -> {run}", file=sys.stderr)
-            summaries.append(Trainer(cfg, progress=args.progress).run())
-            run_dirs.append(run)
+def _run_report(out: Path, summary: dict) -> list[Path]:
+    """The report of one run directory: its summary (held-out success), the headline, curves and rollouts."""
+    config = json.loads((out / "config.json").read_text())
+    return _write_report(out, [out], [summary], f"appo-train: {summary['algo']}, seed {summary['seed']}",
+                         _headline(summary, config))
+
+
+def _compare_report(out: Path, summaries: list[dict], run_dirs: list[Path]) -> tuple[str, list[Path]]:
+    """results.md / results.json (mean, population std, min and max over seeds per algorithm) and the report
+    of a comparison; returns the table and the report's paths."""
+    algos = list(dict.fromkeys(s["algo"] for s in summaries))
+    seeds = list(dict.fromkeys(s["seed"] for s in summaries))
     rows = []
-    for algo in args.algos:
+    for algo in algos:
         runs = [s for s in summaries if s["algo"] == algo]
         row = {"algo": algo, "seeds": len(runs), "gen_tokens": int(statistics.mean(s["gen_tokens"] for s in runs)),
                "steps": statistics.mean(s["steps"] for s in runs)}
@@ -171,43 +155,132 @@ def compare(argv: list[str]) -> int:
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({"summary": rows, "runs": summaries}, indent=1))
     paths = _write_report(out, run_dirs, rows, "appo-train compare",
-                          f"{len(args.seeds)} seeds x {len(args.algos)} algorithms, each run stopped at the same "
-                          f"budget of generated tokens; success = held-out success sampled at temperature 1. "
-                          f"Rollouts below: the first prompt of the last evaluated step of each algorithm, seed "
-                          f"{args.seeds[0]}.",
-                          comparison=summaries, sample_dirs=[out / f"{a}-s{args.seeds[0]}" for a in args.algos],
+                          f"{len(seeds)} seeds x {len(algos)} algorithms, each run stopped at the same budget of "
+                          f"generated tokens; success = held-out success sampled at temperature 1. Rollouts below: "
+                          f"the first prompt of the last evaluated step of each algorithm, seed {seeds[0]}.",
+                          comparison=summaries, sample_dirs=[out / f"{a}-s{seeds[0]}" for a in algos],
                           sample_groups=1)
+    return table, paths
+
+
+def _print_paths(paths: list[Path]) -> None:
+    for path in paths:
+        print("report: " if path.suffix == ".html" else "plot:   ", path)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appo-train", usage="appo-train [train] [options]",
+                                description="Warm start, then RL with one algorithm.", epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algo", choices=ALGORITHMS, help=f"the RL algorithm ({_default('algo')})")
+    p.add_argument("--seed", type=int, help=f"random seed of the warm start and the RL ({_default('seed')})")
+    p.add_argument("--out", dest="out_dir", help="run directory (default runs/<algo>, runs/<algo>-smoke with --smoke)")
+    _add_common(p)
+    return p
+
+
+def train(argv: list[str]) -> int:
+    p = train_parser()
+    args = p.parse_args(argv)
+    from .trainer import Trainer
+    cfg = _config(args)
+    if args.out_dir is None:
+        cfg.out_dir = f"runs/{cfg.algo}{'-smoke' if args.smoke else ''}"
+    t0 = time.perf_counter()
+    with _distributed() as rank:
+        trainer = Trainer(cfg, progress=args.progress)
+        resumed_at = trainer.step
+        summary = trainer.run()
+    if rank > 0:
+        return 0
+    out = Path(cfg.out_dir)
+    paths = _run_report(out, summary)
+    print()
+    print(_table([summary], list(summary)))
+    if trainer.step > resumed_at:
+        print(f"\nthis invocation: {trainer.step - resumed_at} RL steps, {(time.perf_counter() - t0) / 60:.2f} "
+              f"minutes with the warm start and the evaluations")
+    else:
+        print(f"\nthe run had already finished (step {trainer.step}); nothing was trained, the report was rebuilt "
+              f"(a larger --token-budget or --max-steps extends it)")
+    print("metrics:", out / "metrics.jsonl", "|", out / "metrics.csv")
+    _print_paths(paths)
+    return 0
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appo-train compare", allow_abbrev=False,      # --seed is not --seeds
+                                description="Every algorithm on several seeds at an equal generated-token budget.")
+    default_algos, default_seeds = ["grpo", "arpo", "appo", "appo-entropy"], [0, 1, 2]
+    p.add_argument("--algos", nargs="+", choices=ALGORITHMS, default=default_algos,
+                   help=f"the algorithms (default {' '.join(default_algos)})")
+    p.add_argument("--seeds", nargs="+", type=int, default=default_seeds,
+                   help=f"one run per algorithm and seed (default {' '.join(map(str, default_seeds))})")
+    p.add_argument("--out", default="runs/compare",
+                   help="directory for the runs and the results table (default runs/compare)")
+    _add_common(p)
+    return p
+
+
+def compare(argv: list[str]) -> int:
+    p = compare_parser()
+    args = p.parse_args(argv)
+    from .trainer import Trainer
+    out = Path(args.out)
+    summaries, run_dirs = [], []
+    for seed in args.seeds:
+        for algo in args.algos:
+            run = out / f"{algo}-s{seed}"
+            cfg = _config(args, algo=algo, seed=seed, out_dir=str(run), sft_cache=str(out / f"sft-s{seed}.pt"))
+            if args.progress:
+                print(f"== {algo}, seed {seed} -> {run}", file=sys.stderr)
+            summaries.append(Trainer(cfg, progress=args.progress).run())
+            run_dirs.append(run)
+    table, paths = _compare_report(out, summaries, run_dirs)
     print()
     print(table)
     print("\nresults:", out / "results.md", "|", out / "results.json")
-    for path in paths:
-        print("report: " if path.suffix == ".html" else "plot:   ", path)
+    _print_paths(paths)
     return 0
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appo-train report",
+                                description="Rebuild the summary, plots and HTML report of a run or a comparison.")
+    p.add_argument("--out", required=True, help="a run directory or a comparison directory (required)")
+    return p
 
 
 def report_only(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="appo-train report", description="Rebuild the plots and the HTML report.")
-    p.add_argument("--out", required=True, help="a run directory or a comparison directory")
+    p = report_parser()
     args = p.parse_args(argv)
+    from .trainer import summarize
     out = Path(args.out)
-    run_dirs = [out] if (out / "metrics.jsonl").exists() else sorted(d for d in out.iterdir()
-                                                                       if (d / "metrics.jsonl").exists())
-    if not run_dirs:
-        raise SystemExit(f"--out: no metrics.jsonl in {out} or its sub-directories")
-    records = _load_records(run_dirs)
-    last = {}
-    for r in records:
-        last[(r["algo"], r["seed"])] = r
-    for path in _write_report(out, run_dirs, list(last.values()), f"appo-train: {out}", ""):
-        print(path)
+    if not out.is_dir():
+        raise SystemExit(f"appo-train report: --out: {out} is not a directory")
+    if (out / "metrics.jsonl").exists():
+        paths = _run_report(out, summarize(_load_records([out])))
+    else:
+        run_dirs = sorted(d for d in out.iterdir() if (d / "metrics.jsonl").exists())
+        if not run_dirs:
+            raise SystemExit(f"appo-train report: --out: no metrics.jsonl in {out} or its sub-directories")
+        paths = _compare_report(out, [summarize(_load_records([d])) for d in run_dirs], run_dirs)[1]
+    _print_paths(paths)
     return 0
+
+
+COMMANDS = {"train": train, "compare": compare, "report": report_only}
+_EPILOG = """commands:
+  appo-train [train] [options]    warm start + RL with one algorithm (this page)
+  appo-train compare [options]    every algorithm on several seeds at an equal budget; results table
+  appo-train report --out DIR     rebuild the summary, plots and HTML report of a run or a comparison
+Each has its own --help. A run killed at any point resumes when started again with the same arguments."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train, "compare": compare, "report": report_only}
-    if argv and argv[0] in commands:
-        return commands[argv[0]](argv[1:])
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
     return train(argv)
 
 

@@ -145,8 +145,14 @@ def plot_training_curves(records: list[dict], out_path: Path) -> Path:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
         elif i == 0 or key == "eval_success":
             ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"Training curves: lines = {_SMOOTH}-step moving average of the seed mean (faint = raw), "
-                 "bands = min..max over seeds; eval panels unsmoothed", fontsize=10)
+    several = sorted(algo for algo, by_seed in runs.items() if len(by_seed) > 1)
+    if not several:
+        title = f"Training curves, one seed per algorithm: lines = {_SMOOTH}-step moving average (faint = raw)"
+    else:
+        which = "" if len(several) == len(runs) else f" ({', '.join(several)})"
+        title = (f"Training curves: lines = {_SMOOTH}-step moving average of the seed mean (faint = raw), "
+                 f"bands = min..max over the seeds of algorithms with several{which}")
+    fig.suptitle(title + "; eval panels unsmoothed", fontsize=10)
     return _save(fig, out_path)
 
 
@@ -260,7 +266,9 @@ figure{margin:12px 0}figure img{max-width:100%;border:1px solid #eee}figcaption{
 .k-tool .tx{background:#e3f0fb;font-style:italic;border:1px dotted #7aa7d6}
 .cand .tx{text-decoration:underline;text-decoration-thickness:2px;text-underline-offset:2px}
 .bp .tx{box-shadow:0 0 0 3px #000;margin:0 3px;font-weight:bold}
-.fork{font-size:11px;vertical-align:super;margin-right:1px}
+.fork{display:inline-block;width:0;height:0;border-left:4px solid transparent;border-right:4px solid transparent;
+  border-top:6px solid currentColor;vertical-align:super;margin-right:2px}
+.wide{overflow-x:auto;max-width:100%}
 .ws{opacity:.45}
 .legend{font-size:13px;display:flex;flex-wrap:wrap;gap:6px 18px;align-items:center;margin:8px 0}
 .scale{display:inline-flex}.scale span{padding:1px 5px;font-size:11px;font-family:ui-monospace,monospace}
@@ -280,18 +288,21 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _td(value: Any) -> str:
+    num = ' class="num"' if isinstance(value, numbers.Real) and not isinstance(value, bool) else ""
+    return f"<td{num}>{html.escape(_cell(value))}</td>"
+
+
 def _summary_table(rows: list[dict]) -> str:
+    """One column per key (a row per entry), or for a single entry one row per key, so that a run's many
+    metrics stay within the page; wide tables scroll inside their own box."""
     cols = list(dict.fromkeys(k for row in rows for k in row))
+    if len(rows) == 1:
+        body = "".join(f"<tr><th>{html.escape(str(c))}</th>{_td(rows[0].get(c))}</tr>" for c in cols)
+        return f'<div class="wide"><table><tbody>{body}</tbody></table></div>'
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    body = []
-    for row in rows:
-        cells = []
-        for c in cols:
-            v = row.get(c)
-            num = ' class="num"' if isinstance(v, numbers.Real) and not isinstance(v, bool) else ""
-            cells.append(f"<td{num}>{html.escape(_cell(v))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    body = "".join("<tr>" + "".join(_td(row.get(c)) for c in cols) + "</tr>" for row in rows)
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _image(path: Path) -> str:
@@ -326,7 +337,7 @@ def _token(tok: dict, score_scale: float, adv_scale: float) -> str:
         bg = token_color(tok.get("score"), -score_scale, score_scale)
         style = f' style="background:{bg};color:{_ink(bg)}"'
     tip = ", ".join(f"{k}={_fmt(tok.get(k))}" for k in ("score", "entropy", "omega", "advantage"))
-    fork = '<span class="fork">⑂</span>' if tok.get("branch_point") else ""
+    fork = '<span class="fork"></span>' if tok.get("branch_point") else ""       # drawn by CSS: no font needed
     adv = _advantage_color(tok.get("advantage"), adv_scale)
     return (f'<span class="{" ".join(classes)}" title="{html.escape(tip)}"><span class="tx"{style}>{fork}'
             f'{_token_text(str(tok.get("text", "")))}</span><span class="adv" style="background:{adv}"></span></span>')
@@ -376,7 +387,8 @@ def _legend(score_scale: float, adv_scale: float) -> str:
             '<div class="legend toks"><span class="tok k-prompt"><span class="tx">prompt</span></span>'
             '<span class="tok k-tool"><span class="tx">tool output</span></span>'
             '<span class="tok k-gen cand"><span class="tx">candidate (underlined)</span></span>'
-            '<span class="tok k-gen bp"><span class="tx">chosen branch point (outlined, fork mark)</span></span>'
+            '<span class="tok k-gen bp"><span class="tx"><span class="fork"></span>chosen branch point (outlined, '
+            'marked)</span></span>'
             '<span class="muted">white = score 0 or none (-inf); hover a token for score, entropy, omega, advantage'
             '</span></div>')
 

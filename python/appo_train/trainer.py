@@ -201,6 +201,20 @@ def _mean(values) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def summarize(records: list[dict]) -> dict:
+    """A run's summary from its metrics records (`Trainer.summary`; `appo-train report` rebuilds it from
+    metrics.jsonl): held-out success, reward, tool calls and format rate before RL and at the last evaluation,
+    RL steps, generated tokens, RL wall time (the steps' own times) and the mean share of post-answer forks."""
+    first, last = records[0], records[-1]
+    last_eval = next(r for r in reversed(records) if "eval_success" in r)
+    return {"algo": last["algo"], "seed": last["seed"], "steps": last["step"], "gen_tokens": last["gen_tokens"],
+            "rl_minutes": round(sum(r.get("time_s", 0.0) for r in records) / 60, 2),
+            "success_before": first["eval_success"], "success": last_eval["eval_success"],
+            "reward_before": first["eval_reward"], "reward": last_eval["eval_reward"],
+            "tool_calls": last_eval["eval_tool_calls"], "format": last_eval["eval_format"],
+            "post_answer_forks": _mean(r.get("post_answer_forks") for r in records)}
+
+
 def _trajectory(config: dict) -> dict:
     """The settings that decide a run's trajectory: a checkpoint resumes only under the same ones (where it is
     kept and when it stops may change, so a finished run can be extended to a larger budget)."""
@@ -236,6 +250,8 @@ class Trainer:
         self.cfg, self.progress = cfg, progress and self.rank == 0
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
         self.tok = CharTokenizer()
         sft = warm_start(cfg, self.tok, self.progress)
         self.model = build_policy(self.tok, cfg.policy, cfg.seed)
@@ -298,6 +314,7 @@ class Trainer:
             self.records.append({"algo": cfg.algo, "seed": cfg.seed, "step": 0, "gen_tokens": 0,
                                  **self._eval_only()})
             self._write_metrics()
+        last_eval = next(r["eval_success"] for r in reversed(self.records) if "eval_success" in r)
         while not self.done():
             t0 = time.perf_counter()
             record, batch, adv = self.train_step()
@@ -305,12 +322,13 @@ class Trainer:
                 record |= evaluate(self.model, cfg, self.tok)
                 self._save_samples(batch, adv)
             record["time_s"] = round(time.perf_counter() - t0, 3)      # the step, with its evaluation
+            last_eval = record.get("eval_success", last_eval)
             self.records.append(record)
             self._write_metrics()
             self._checkpoint()
             bar.update(min(self.gen_tokens, cfg.token_budget) - bar.n)
             bar.set_postfix(step=self.step, reward=f"{record['reward']:.3f}", success=f"{record['success']:.2f}",
-                            eval=f"{self.records[-1].get('eval_success', float('nan')):.2f}")
+                            eval=f"{last_eval:.2f}")
         bar.close()
         return self.summary()
 
@@ -445,11 +463,4 @@ class Trainer:
         (self.out / "samples.json").write_text(json.dumps(out))
 
     def summary(self) -> dict:
-        last_eval = next(r for r in reversed(self.records) if "eval_success" in r)
-        first = self.records[0]
-        return {"algo": self.cfg.algo, "seed": self.cfg.seed, "steps": self.step, "gen_tokens": self.gen_tokens,
-                "rl_minutes": round(sum(r.get("time_s", 0.0) for r in self.records) / 60, 2),
-                "success_before": first["eval_success"], "success": last_eval["eval_success"],
-                "reward_before": first["eval_reward"], "reward": last_eval["eval_reward"],
-                "tool_calls": last_eval["eval_tool_calls"], "format": last_eval["eval_format"],
-                "post_answer_forks": _mean(r.get("post_answer_forks") for r in self.records)}
+        return summarize(self.records)
