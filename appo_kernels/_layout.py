@@ -45,9 +45,6 @@ class SeqLayout:
     def padded(self) -> bool:
         return len(self.shape) == 2
 
-    def flat(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1)
-
     def unflat(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.shape + x.shape[1:])
 
@@ -65,31 +62,44 @@ def seq_layout(name: str, ref: torch.Tensor, cu_seqlens: Optional[torch.Tensor])
         b, t = ref.shape
         return SeqLayout(ref.shape, torch.arange(b + 1, device=device) * t, b * t)
 
-    require_int("cu_seqlens", cu_seqlens)
     require_same_device(**{name: ref, "cu_seqlens": cu_seqlens})
     require_ndim("cu_seqlens", cu_seqlens, (1,), "a 1-D [B + 1] tensor")
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens: expected shape [B + 1] with B >= 1, got {list(cu_seqlens.shape)}")
     require_ndim(name, ref, (1,), "a packed [N] tensor (cu_seqlens was given)")
     n = ref.shape[0]
-    cu = cu_seqlens.to(torch.int64)
-    if value_checks_enabled():
-        first, last = int(cu[0]), int(cu[-1])
-        if first != 0:
-            raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {first}")
-        if last != n:
-            raise ValueError(f"cu_seqlens: expected cu_seqlens[-1] == {n} (the length of {name}), got {last}")
-        steps = cu[1:] - cu[:-1]
-        if bool((steps < 0).any()):
-            i = int(torch.nonzero(steps < 0)[0])
-            raise ValueError(f"cu_seqlens: expected non-decreasing values, got {int(cu[i])} then {int(cu[i + 1])} "
-                             f"at index {i}")
+    cu = require_int("cu_seqlens", cu_seqlens)
+    if not value_checks_enabled():
+        return SeqLayout(ref.shape, nearest_partition(cu, n), n)
+    first, last = int(cu[0]), int(cu[-1])
+    if first != 0:
+        raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {first}")
+    if last != n:
+        raise ValueError(f"cu_seqlens: expected cu_seqlens[-1] == {n} (the length of {name}), got {last}")
+    steps = cu[1:] - cu[:-1]
+    if bool((steps < 0).any()):
+        i = int(torch.nonzero(steps < 0)[0])
+        raise ValueError(f"cu_seqlens: expected non-decreasing values, got {int(cu[i])} then {int(cu[i + 1])} "
+                         f"at index {i}")
     return SeqLayout(ref.shape, cu, n)
 
 
+def nearest_partition(cu: torch.Tensor, n: int) -> torch.Tensor:
+    """The valid cu_seqlens nearest to int64 `cu` over n positions: entries clamped into [0, n], made
+    non-decreasing (a running maximum), the first set to 0 and the last to n. The identity on a valid one.
+
+    With value checks off (or while compiling) an invalid cu_seqlens is read this way, on the device and without
+    a sync, so that no kernel is ever handed segments outside its buffers (docs/api.md, "Out-of-range inputs").
+    """
+    inner = torch.cummax(cu[1:-1].clamp(0, n), dim=0).values
+    return torch.cat([cu.new_zeros(1), inner, cu.new_full((1,), n)])
+
+
 def layout_from_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> SeqLayout:
-    """The packed layout of `n` flat positions split by (already validated) int64 `cu_seqlens`."""
-    return SeqLayout(torch.Size([n]), cu_seqlens, n)
+    """The packed layout of `n` flat positions split by int64 `cu_seqlens`, as the custom ops see it. The public
+    ops pass a valid partition; a direct call of a custom op may not, so it is read as the nearest one here
+    (the identity on a valid one: a few [B]-sized ops)."""
+    return SeqLayout(torch.Size([n]), nearest_partition(cu_seqlens.to(torch.int64), n), n)
 
 
 def per_token(name: str, t: Optional[torch.Tensor], layout: SeqLayout, *, kind: str = "float"):
@@ -99,5 +109,5 @@ def per_token(name: str, t: Optional[torch.Tensor], layout: SeqLayout, *, kind: 
     if kind == "float":
         require_float(name, t)
     require_shape(name, t, layout.shape, "the shape of the per-token inputs")
-    require_same_device(**{"cu_seqlens/first input": layout.seg, name: t})
+    require_same_device(**{"cu_seqlens/first input": layout.cu_seqlens, name: t})
     return t.reshape(-1)

@@ -6,6 +6,9 @@ switched off (`set_value_checks(False)`) and are skipped while torch.compile tra
 """
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import os
 from typing import Optional, Sequence
 
@@ -13,6 +16,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 _value_checks = os.environ.get("APPO_KERNELS_CHECK_VALUES", "1") not in ("0", "false", "False")
 
@@ -64,10 +68,12 @@ def require_float(name: str, t) -> torch.Tensor:
 
 
 def require_int(name: str, t) -> torch.Tensor:
+    """An integer tensor of any width, returned as int64: every later comparison (with ignore_index, -100,
+    V, ...) is then made in int64, where a narrow dtype would wrap the Python int it is compared with."""
     require_tensor(name, t)
     if t.dtype not in INT_DTYPES:
         raise TypeError(f"{name}: expected an integer tensor, got dtype {t.dtype}")
-    return t
+    return t.to(torch.int64)
 
 
 def require_shape(name: str, t: torch.Tensor, shape: Sequence[int], what: str = "") -> None:
@@ -91,29 +97,47 @@ def require_same_device(**tensors: Optional[torch.Tensor]) -> None:
             raise ValueError(f"{k}: expected a tensor on {ref.device} (the device of {ref_name}), got {v.device}")
 
 
-def require_positive_float(name: str, value, *, allow_zero: bool = False, upper: Optional[float] = None,
-                           upper_inclusive: bool = True) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}") from None
-    lower_ok = v >= 0 if allow_zero else v > 0
-    finite = v == v and v not in (float("inf"), float("-inf"))
+def require_finite_float(name: str, value) -> float:
+    """A real number (int, float, numpy scalar; not a bool or a str) that is finite, as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return v
+
+
+def require_positive_float(name: str, value, *, allow_zero: bool = False, lower: Optional[float] = None,
+                           upper: Optional[float] = None, upper_inclusive: bool = True) -> float:
+    """A finite number > 0 (>= 0 with allow_zero; >= lower when given) and <= upper (< upper when not
+    upper_inclusive)."""
+    v = require_finite_float(name, value)
+    lower_ok = (v >= 0 if allow_zero else v > 0) and (lower is None or v >= lower)
     upper_ok = upper is None or (v <= upper if upper_inclusive else v < upper)
-    if not (finite and lower_ok and upper_ok):
-        low = ">= 0" if allow_zero else "> 0"
+    if not (lower_ok and upper_ok):
+        low = f">= {lower}" if lower is not None else ">= 0" if allow_zero else "> 0"
         high = "" if upper is None else f" and {'<=' if upper_inclusive else '<'} {upper}"
         raise ValueError(f"{name}: expected a finite number {low}{high}, got {value}")
     return v
 
 
 def require_int_arg(name: str, value, *, minimum: int = 0, maximum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    """An integer (int, numpy integer, anything with __index__; not a bool) in [minimum, maximum]."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
     if value < minimum or (maximum is not None and value > maximum):
         high = "" if maximum is None else f" and <= {maximum}"
         raise ValueError(f"{name}: expected an int >= {minimum}{high}, got {value}")
     return value
+
+
+def require_int64_arg(name: str, value) -> int:
+    """An integer that fits int64 (what the ops' schemas take), e.g. an ignore_index."""
+    return require_int_arg(name, value, minimum=INT64_MIN, maximum=INT64_MAX)
 
 
 def require_choice(name: str, value, choices: Sequence[str]) -> str:

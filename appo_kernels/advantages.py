@@ -29,8 +29,7 @@ class ProcedureAdvantages(NamedTuple):
 
 
 def _per_rollout(name: str, t, r: int, device, *, kind: str) -> Tensor:
-    require_tensor(name, t)
-    (require_float if kind == "float" else require_int)(name, t)
+    t = (require_float if kind == "float" else require_int)(name, t)
     require_shape(name, t, (r,), "[R], one per rollout")
     require_same_device(**{"rewards/mask": torch.empty(0, device=device), name: t})
     return t
@@ -57,7 +56,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, is_branch: Optional[Ten
     if rewards.dim() != 1:
         raise ValueError(f"rewards: expected a 1-D [R] tensor, got shape {list(rewards.shape)}")
     r = rewards.shape[0]
-    _per_rollout("group_ids", group_ids, r, rewards.device, kind="int")
+    group_ids = _per_rollout("group_ids", group_ids, r, rewards.device, kind="int")
     if is_branch is None:
         is_branch = torch.zeros(r, dtype=torch.bool, device=rewards.device)
     elif not isinstance(is_branch, Tensor) or is_branch.dtype != torch.bool:
@@ -65,7 +64,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, is_branch: Optional[Ten
                         f"{is_branch.dtype if isinstance(is_branch, Tensor) else type(is_branch).__name__}")
     require_shape("is_branch", is_branch, (r,), "[R], one per rollout")
     groups = resolve_num_groups(group_ids, num_groups)
-    key = group_ids.to(torch.int64) * 2 + is_branch.to(torch.int64)
+    key = group_ids.clamp(0, max(groups - 1, 0)) * 2 + is_branch.to(torch.int64)  # clamp: checks may be off
     include = torch.ones(r, dtype=torch.bool, device=rewards.device)
     return segment_zscore(rewards, include, key, 2 * groups, scale=bool(scale_by_std)).to(_dtype(rewards))
 
@@ -101,19 +100,16 @@ def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, spl
     device = mask.device
     m = as_bool_mask("mask", mask, lay.shape, device).reshape(-1)
     r = lay.num_rollouts
-    require_float("rewards", rewards)
     _per_rollout("rewards", rewards, r, device, kind="float")
-    _per_rollout("group_ids", group_ids, r, device, kind="int")
-    _per_rollout("parent", parent, r, device, kind="int")
-    _per_rollout("split", split, r, device, kind="int")
+    group_ids = _per_rollout("group_ids", group_ids, r, device, kind="int")
+    parent = _per_rollout("parent", parent, r, device, kind="int")
+    split = _per_rollout("split", split, r, device, kind="int")
     if branch_strength_scaling:
         if branch_score is None:
             raise ValueError("branch_score: expected a float [R] tensor when branch_strength_scaling=True, got None")
         _per_rollout("branch_score", branch_score, r, device, kind="float")
         decay = require_positive_float("decay", decay, upper=1.0)
     impl = backends.resolve(backend, device, "reverse_discounted_scan", _dtype(rewards))
-    parent = parent.to(torch.int64)
-    split = split.to(torch.int64)
     is_branch = parent >= 0
     lengths = lay.cu_seqlens[1:] - lay.cu_seqlens[:-1]
     if value_checks_enabled():
@@ -123,12 +119,15 @@ def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, spl
     zero = torch.zeros((), dtype=dtype, device=device)
 
     # Each branch drops an impulse at (its parent, s_b); reverse scans turn them into prefix sums over t <= s_b.
-    src = torch.where(is_branch, parent, 0)
-    at = lay.cu_seqlens[src] + torch.where(is_branch, split, 0)
+    # Index n is a sink: with value checks off, a parent or split out of range lands there (never outside).
     n = lay.numel
+    src = torch.where(is_branch, parent, 0).clamp(0, max(r - 1, 0))
+    at = lay.cu_seqlens[src] + torch.where(is_branch, split, 0)
+    at = torch.where(is_branch & (at >= 0) & (at < n), at, n)
 
     def impulses(values: Tensor) -> Tensor:
-        return torch.zeros(n, dtype=dtype, device=device).index_add_(0, at, torch.where(is_branch, values, zero))
+        return torch.zeros(n + 1, dtype=dtype, device=device).index_add_(0, at, torch.where(is_branch, values,
+                                                                                           zero))[:n]
 
     credit_sum = impl.reverse_discounted_scan(impulses(a_hat), lay, 1.0)
     credit_cnt = impl.reverse_discounted_scan(impulses(torch.ones_like(a_hat)), lay, 1.0)

@@ -69,7 +69,7 @@ def select_branch_points(score: Tensor, candidate: Tensor, group_ids: Tensor, nu
         raise TypeError(f"candidate: expected a bool tensor, got "
                         f"{'None' if candidate is None else candidate.dtype}")
     cand = per_token("candidate", candidate, lay, kind="any")
-    require_int("group_ids", group_ids)
+    group_ids = require_int("group_ids", group_ids)
     require_shape("group_ids", group_ids, (lay.num_rollouts,), "[R], one per rollout")
     require_same_device(score=score, group_ids=group_ids)
     num_branches = require_int_arg("num_branches", num_branches, minimum=1)
@@ -86,7 +86,7 @@ def select_branch_points(score: Tensor, candidate: Tensor, group_ids: Tensor, nu
     eligible = (s64 > float("-inf")) & ~torch.isnan(s64)
     if max_len is not None:
         eligible &= pos < max_len - 1
-    grp = group_ids.to(torch.int64)[seg]
+    grp = group_ids.clamp(0, max(groups - 1, 0))[seg]   # in range already, unless value checks are off
     # Total order: tier (candidates, then the rest), score desc, then flat index = (rollout, position).
     tier = torch.where(eligible & cand, 0, torch.where(eligible, 1, 2))
     by_score = torch.argsort(torch.where(eligible, -s64, torch.inf), stable=True)

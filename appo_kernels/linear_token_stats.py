@@ -54,9 +54,11 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: 
     """
     require_float("hidden", hidden)
     require_float("weight", weight)
-    require_int("tokens", tokens)
+    tokens = require_int("tokens", tokens)
     require_ndim("hidden", hidden, (2, 3), "a [N, H] or [B, T, H] tensor")
     require_ndim("weight", weight, (2,), "a [V, H] tensor")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden: expected a non-empty hidden dimension (H >= 1), got shape {list(hidden.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (H from hidden), got {list(weight.shape)}")
     if weight.dtype != hidden.dtype:
@@ -65,10 +67,12 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: 
     if bias is not None:
         require_float("bias", bias)
         require_shape("bias", bias, (weight.shape[0],), "[V]")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: expected dtype {hidden.dtype} (the dtype of hidden), got {bias.dtype}")
     require_same_device(hidden=hidden, weight=weight, tokens=tokens, bias=bias)
     if chunk_size is not None:
         if (not isinstance(chunk_size, (tuple, list)) or len(chunk_size) != 2
-                or not all(isinstance(c, int) and c > 0 for c in chunk_size)):
+                or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in chunk_size)):
             raise ValueError(f"chunk_size: expected a (rows, vocabulary) pair of positive ints, got {chunk_size!r}")
         chunk_size = tuple(chunk_size)
     vocab = weight.shape[0]

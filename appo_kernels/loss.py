@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import backends
 from ._layout import SeqLayout, per_token, seq_layout
-from ._validation import (as_bool_mask, require_choice, require_positive_float)
+from ._validation import as_bool_mask, require_choice, require_finite_float, require_positive_float
 from .backends.torch_ref.sequence import segment_sum
 from .scores import check_clip_eps, check_gamma, out_dtype
 
@@ -65,7 +65,7 @@ def future_kl_weights(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: 
     gamma, clip_eps = check_gamma("gamma", gamma), check_clip_eps(clip_eps)
     clip_ratio_c = require_positive_float("clip_ratio_c", clip_ratio_c)
     ratio_threshold = require_positive_float("ratio_threshold", ratio_threshold)
-    coef = float(coef)
+    coef = require_finite_float("coef", coef)
     impl = backends.resolve(backend, logp.device, "reverse_discounted_scan", out_dtype(logp))
     dtype = out_dtype(logp)
     zero = torch.zeros((), dtype=dtype, device=logp.device)
@@ -146,13 +146,19 @@ def policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Option
                                  "input (the padded layout defaults it to T), got None")
             loss_scale = lay.shape[1]
         loss_scale = require_positive_float("loss_scale", loss_scale)
+    entropy_coef = require_finite_float("entropy_coef", entropy_coef)
     if entropy_coef and ent is None:
         raise ValueError(f"entropy: expected a float tensor when entropy_coef={entropy_coef}, got None")
 
     dtype = out_dtype(logp)
-    lp = lp.to(dtype)
-    a = adv.to(dtype).detach()
-    log_ratio = (lp - lpo.to(dtype).detach()).clamp(-LOG_RATIO_CLIP, LOG_RATIO_CLIP)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+
+    def kept(x: Tensor) -> Tensor:  # masked-out positions read as 0, so NaN/inf there cannot reach the loss
+        return torch.where(m, x.to(dtype), zero)
+
+    lp = kept(lp)
+    a = kept(adv).detach()
+    log_ratio = (lp - kept(lpo).detach()).clamp(-LOG_RATIO_CLIP, LOG_RATIO_CLIP)
     ratio = torch.exp(log_ratio)
     pg_plain = -a * ratio
     pg_clipped = -a * ratio.clamp(1 - eps_low, 1 + eps_high)
@@ -163,11 +169,11 @@ def policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Option
     tok = pg
     kl = torch.zeros_like(pg)
     if ref is not None and kl_coef > 0:
-        d = (ref.to(dtype).detach() - lp).clamp(-LOG_RATIO_CLIP, LOG_RATIO_CLIP)
+        d = (kept(ref).detach() - lp).clamp(-LOG_RATIO_CLIP, LOG_RATIO_CLIP)
         kl = {"k1": -d, "k2": 0.5 * d * d, "k3": torch.exp(d) - d - 1}[kl_estimator]
         tok = tok + kl_coef * kl
     if ent is not None and entropy_coef:
-        tok = tok - entropy_coef * ent.to(dtype)
+        tok = tok - entropy_coef * kept(ent)
     loss = _aggregate(tok, m, lay, aggregation, token_count, loss_scale)
 
     with torch.no_grad():

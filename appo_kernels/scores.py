@@ -173,7 +173,7 @@ def branching_score(logits: Tensor, tokens: Tensor, logp_old: Optional[Tensor] =
         gradient (use `token_stats` to train).
     """
     require_float("logits", logits)
-    require_int("tokens", tokens)
+    tokens = require_int("tokens", tokens)
     require_ndim("logits", logits, (2, 3), "a packed [N, V] or padded [B, T, V] tensor")
     require_shape("tokens", tokens, logits.shape[:-1], "logits.shape[:-1]")
     require_same_device(logits=logits, tokens=tokens)

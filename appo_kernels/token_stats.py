@@ -7,10 +7,13 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._validation import (require_choice, require_float, require_int, require_int_arg, require_ndim,
-                          require_positive_float, require_same_device, require_shape, value_checks_enabled)
+from ._validation import (require_choice, require_float, require_int, require_int64_arg, require_int_arg,
+                          require_ndim, require_positive_float, require_same_device, require_shape,
+                          value_checks_enabled)
 
 ENTROPY_KINDS = ("exact", "topk")
+# Below this, logits / temperature leaves float32's range for ordinary logits (1 / 1e-39 is already inf).
+MIN_TEMPERATURE = 1e-6
 
 
 class TokenStats(NamedTuple):
@@ -35,9 +38,9 @@ def check_token_options(vocab: int, temperature, topk, ignore_index, entropy: st
     """Validate the options shared by token_stats and linear_token_stats."""
     if vocab == 0:
         raise ValueError("logits: expected a non-empty vocabulary dimension (V >= 1), got V = 0")
-    temperature = require_positive_float("temperature", temperature)
+    temperature = require_positive_float("temperature", temperature, lower=MIN_TEMPERATURE)
     topk = require_int_arg("topk", topk, minimum=0, maximum=vocab)
-    ignore_index = require_int_arg("ignore_index", ignore_index, minimum=-(2 ** 62))
+    ignore_index = require_int64_arg("ignore_index", ignore_index)
     require_choice("entropy", entropy, ENTROPY_KINDS)
     if entropy == "topk" and topk == 0:
         raise ValueError("entropy: 'topk' entropy sums over the top-k ids, so it needs topk >= 1, got topk = 0")
@@ -96,7 +99,7 @@ def token_stats(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, top
     Args:
         logits: float16/bfloat16/float32/float64 `[N, V]` or `[B, T, V]`, any strides.
         tokens: integer `logits.shape[:-1]`, ids in `[0, V)` or `ignore_index`.
-        temperature: `> 0`; statistics are those of `softmax(logits / temperature)`.
+        temperature: `>= 1e-6`; statistics are those of `softmax(logits / temperature)`.
         topk: number of most likely ids to return (`0 <= topk <= V`).
         ignore_index: rows with this token give 0 in every output and 0 gradient.
         entropy: `"exact"` (full vocabulary, `lse - sum p*s`) or `"topk"` (`-sum p log p` over
@@ -113,10 +116,11 @@ def token_stats(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, top
         no [N, V] temporary beyond the gradient itself).
 
     A row with every logit `-inf` gets lse = -inf and NaN logp/entropy/topk_logp; a row holding a NaN gets
-    NaN in those four. Other rows are unaffected.
+    NaN in those four. Other rows are unaffected. With value checks off, a token outside `[0, V)` (and not
+    `ignore_index`) is never read: its row's logp is NaN (docs/api.md, "Out-of-range inputs").
     """
     require_float("logits", logits)
-    require_int("tokens", tokens)
+    tokens = require_int("tokens", tokens)
     require_ndim("logits", logits, (2, 3), "a [N, V] or [B, T, V] tensor")
     require_shape("tokens", tokens, logits.shape[:-1], "logits.shape[:-1]")
     require_same_device(logits=logits, tokens=tokens)

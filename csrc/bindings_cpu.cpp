@@ -42,24 +42,24 @@ PYBIND11_MODULE(_C, m) {
         });
 
   m.def("reverse_scan",
-        [](uintptr_t x, uintptr_t cu, int64_t num_segments, int64_t /*n*/, double gamma, uintptr_t out, bool f64,
+        [](uintptr_t x, uintptr_t cu, int64_t num_segments, int64_t n, double gamma, uintptr_t out, bool f64,
            int threads) {
           py::gil_scoped_release release;
-          if (f64) appo::reverse_scan(ptr<const double>(x), ptr<const int64_t>(cu), num_segments, gamma,
+          if (f64) appo::reverse_scan(ptr<const double>(x), ptr<const int64_t>(cu), num_segments, n, gamma,
                                       ptr<double>(out), threads);
-          else appo::reverse_scan(ptr<const float>(x), ptr<const int64_t>(cu), num_segments, gamma,
+          else appo::reverse_scan(ptr<const float>(x), ptr<const int64_t>(cu), num_segments, n, gamma,
                                   ptr<float>(out), threads);
         });
 
   m.def("branching_score",
         [](uintptr_t entropy, uintptr_t omega, uintptr_t eligible, uintptr_t cu, int64_t num_segments,
-           int64_t /*n*/, uintptr_t score, uintptr_t candidate, bool f64, int threads) {
+           int64_t n, uintptr_t score, uintptr_t candidate, bool f64, int threads) {
           py::gil_scoped_release release;
           if (f64) appo::branching_score(ptr<const double>(entropy), ptr<const double>(omega),
-                                         ptr<const bool>(eligible), ptr<const int64_t>(cu), num_segments,
+                                         ptr<const bool>(eligible), ptr<const int64_t>(cu), num_segments, n,
                                          ptr<double>(score), ptr<bool>(candidate), threads);
           else appo::branching_score(ptr<const float>(entropy), ptr<const float>(omega), ptr<const bool>(eligible),
-                                     ptr<const int64_t>(cu), num_segments, ptr<float>(score), ptr<bool>(candidate),
-                                     threads);
+                                     ptr<const int64_t>(cu), num_segments, n, ptr<float>(score),
+                                     ptr<bool>(candidate), threads);
         });
 }

@@ -505,7 +505,7 @@ def test_masked_vocab_gradient_is_exactly_zero_with_large_upstream(backend, gen,
 
 def _triton_forward():
     from appo_kernels.backends import triton_backend
-    if not (triton_backend.available() and triton_backend.supports("token_stats", torch.device("cpu"))):
+    if not triton_backend.available():
         pytest.skip("Triton runs on CPU only under TRITON_INTERPRET=1")
     from appo_kernels.backends.triton_kernels.token_stats import token_stats_forward
     return token_stats_forward

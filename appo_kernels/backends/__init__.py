@@ -8,14 +8,15 @@ validates, normalises layouts and composes them:
     reverse_discounted_scan(x, layout, gamma)                      flat [N], layout: _layout.SeqLayout
     branching_score(entropy, omega, eligible, layout)              flat [N]
 
-and `supports(op, device, dtype, **features) -> bool`, `available() -> bool`. "auto" picks, for the op and
+and `unsupported(op, device, dtype, **features) -> Optional[str]` (why it cannot run them, None when it can),
+`available() -> bool`, `unavailable_reason() -> str`. "auto" picks, for the op and
 the input's device and dtype, the first backend in PREFERENCE[device type] that supports it. An explicitly
 named backend that cannot run the op raises: nothing falls back silently.
 """
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -23,23 +24,43 @@ from . import native, torch_ref, triton_backend
 from .._ops import Dispatch
 
 class BackendUnsupported(ValueError):
-    """A named backend cannot run the requested op on this device/dtype (a ValueError naming `backend`)."""
+    """A named backend cannot run the requested op on this device/dtype (a ValueError naming `backend`).
+
+    Attributes say what was asked: `backend`, `ops` (tuple), `device`, `dtype`, `features` (e.g. {"topk": 65})
+    and `reason` (the backend's own words)."""
+
+    def __init__(self, backend: str, ops: Tuple[str, ...], device: torch.device, dtype, features: dict,
+                 reason: str):
+        self.backend, self.ops, self.device, self.dtype, self.features, self.reason = (
+            backend, ops, device, dtype, features, reason)
+        super().__init__(f"backend: {backend!r} does not run {', '.join(ops)} on {device} with {dtype} inputs: "
+                         f"{reason}; use backend='auto' or 'torch'")
 
 
-_REGISTRY: Dict[str, ModuleType] = {m.NAME: m for m in (native, triton_backend, torch_ref) if m.available()}
+_MODULES = (native, triton_backend, torch_ref)
+_REGISTRY: Dict[str, ModuleType] = {m.NAME: m for m in _MODULES if m.available()}
 # What "auto" tries, fastest first, per device type. The Triton interpreter on CPU is for tests only.
 PREFERENCE = {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")}
 ORDER = ("native", "triton", "torch")
 
 
 def available_backends() -> List[str]:
-    """Names of the backends usable in this process (always includes "torch")."""
+    """Names of the backends usable in this process (always includes "torch"; "triton" only where a CUDA
+    device or the Triton interpreter can run it)."""
     return [name for name in ORDER if name in _REGISTRY]
+
+
+def _why_not(impl: ModuleType, ops: Sequence[str], device: torch.device, dtype, features: dict) -> Optional[str]:
+    for op in ops:
+        reason = impl.unsupported(op, device, dtype, **features)
+        if reason is not None:
+            return reason
+    return None
 
 
 def runs(backend: str, op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> bool:
     """Whether the available backend named `backend` implements `op` on `device` for `dtype` inputs."""
-    return backend in _REGISTRY and _REGISTRY[backend].supports(op, device, dtype)
+    return backend in _REGISTRY and _REGISTRY[backend].unsupported(op, device, dtype) is None
 
 
 def backend_module(name: str) -> ModuleType:
@@ -49,24 +70,21 @@ def backend_module(name: str) -> ModuleType:
 
 def resolve(backend: str, device: torch.device, ops: Union[str, Sequence[str]],
             dtype: Optional[torch.dtype] = None, **features) -> Dispatch:
-    """The backend module for `backend` ("auto" or a name) that runs `ops` on `device` with `dtype` inputs
-    and the given features (e.g. topk=100), which a backend may not support."""
+    """A `Dispatch` (the custom ops of backend `backend`, "auto" or a name) that runs `ops` on `device` with
+    `dtype` inputs and the given features (e.g. topk=100), which a backend may not support."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     ops = (ops,) if isinstance(ops, str) else tuple(ops)
-
-    def ok(impl):
-        return all(impl.supports(op, device, dtype, **features) for op in ops)
-
     if backend == "auto":
         for name in (n for n in PREFERENCE.get(device.type, ("torch",)) if n in _REGISTRY):
-            if ok(_REGISTRY[name]):
+            if _why_not(_REGISTRY[name], ops, device, dtype, features) is None:
                 return Dispatch(name)
         raise ValueError(f"backend: no available backend runs {', '.join(ops)} on {device} with {dtype}")
     if backend not in _REGISTRY:
-        known = "" if backend not in ORDER else " (it is not built or not installed here)"
-        raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, got {backend!r}{known}")
-    if not ok(_REGISTRY[backend]):
-        raise BackendUnsupported(f"backend: {backend!r} does not run {', '.join(ops)} on {device} with {dtype} "
-                                 f"inputs; use backend='auto' or 'torch'")
+        module = {m.NAME: m for m in _MODULES}.get(backend)
+        why = f" ({backend!r} is not usable here: {module.unavailable_reason()})" if module else ""
+        raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, got {backend!r}{why}")
+    reason = _why_not(_REGISTRY[backend], ops, device, dtype, features)
+    if reason is not None:
+        raise BackendUnsupported(backend, ops, device, dtype, features, reason)
     return Dispatch(backend)

@@ -38,14 +38,26 @@ def available() -> bool:
     return _C is not None or _C_cuda is not None
 
 
+def unavailable_reason() -> str:
+    return ("its C++ extension appo_kernels._C was not built: reinstall from the clone with a C++17 compiler "
+            "with OpenMP present (setup.py prints why a build failed)")
+
+
 CUDA_MAX_TOPK = 64  # the CUDA kernels keep the running top-k in registers
 
 
-def supports(op: str, device: torch.device, dtype: Optional[torch.dtype], topk: int = 0) -> bool:
-    built = {"cpu": _C, "cuda": _C_cuda}.get(device.type) is not None
+def unsupported(op: str, device: torch.device, dtype: Optional[torch.dtype], topk: int = 0) -> Optional[str]:
+    """Why this backend cannot run `op` on `device` with `dtype` inputs and `topk`, or None when it can."""
+    if {"cpu": _C, "cuda": _C_cuda}.get(device.type) is None:
+        return f"its kernels for {device.type} were not built"
     ops = OPS.get(device.type, {})
-    fits = device.type != "cuda" or topk <= CUDA_MAX_TOPK
-    return built and fits and op in ops and (dtype is None or dtype in ops[op])
+    if op not in ops:
+        return f"it has no {op} kernel for {device.type}"
+    if dtype is not None and dtype not in ops[op]:
+        return f"its {op} kernel on {device.type} takes {', '.join(str(d) for d in ops[op])} inputs"
+    if device.type == "cuda" and topk > CUDA_MAX_TOPK:
+        return f"its CUDA kernel keeps the running top-k in registers, so topk <= {CUDA_MAX_TOPK}, got {topk}"
+    return None
 
 
 def _launch(device: torch.device, name: str, *args) -> None:

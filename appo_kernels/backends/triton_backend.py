@@ -20,7 +20,7 @@ OPS = {"token_stats": _LOGIT_DTYPES, "linear_token_stats": _LOGIT_DTYPES,
        "reverse_discounted_scan": _SEQUENCE_DTYPES, "branching_score": _SEQUENCE_DTYPES}
 
 
-def available() -> bool:
+def installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
@@ -28,10 +28,33 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def supports(op: str, device: torch.device, dtype: Optional[torch.dtype] = None, topk: int = 0) -> bool:
-    runs_here = device.type == "cuda" or (device.type == "cpu" and interpreting())
-    fits = op != "token_stats" or topk <= TOKEN_STATS_MAX_TOPK
-    return runs_here and fits and op in OPS and (dtype is None or dtype in OPS[op])
+def available() -> bool:
+    """Installed, and with somewhere to run: a CUDA device, or the interpreter on the CPU."""
+    return installed() and (interpreting() or torch.cuda.is_available())
+
+
+def unavailable_reason() -> str:
+    if not installed():
+        return "triton is not installed (pip install -e '.[triton]' from the clone)"
+    return ("Triton kernels run on CUDA GPUs, and on the CPU only under the Triton interpreter "
+            "(TRITON_INTERPRET=1, set before triton is first imported; for tests)")
+
+
+def unsupported(op: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                topk: int = 0) -> Optional[str]:
+    """Why this backend cannot run `op` on `device` with `dtype` inputs and `topk`, or None when it can."""
+    if device.type == "cpu" and not interpreting():
+        return unavailable_reason()
+    if device.type not in ("cpu", "cuda"):
+        return f"it runs on CUDA devices, not {device.type}"
+    if op not in OPS:
+        return f"it has no {op} kernel"
+    if dtype is not None and dtype not in OPS[op]:
+        return f"its {op} kernel takes {', '.join(str(d) for d in OPS[op])} inputs"
+    if op == "token_stats" and topk > TOKEN_STATS_MAX_TOPK:
+        return (f"its token_stats kernel keeps the running top-k in registers, so topk <= {TOKEN_STATS_MAX_TOPK}, "
+                f"got {topk}")
+    return None
 
 
 def token_stats_forward(*args):

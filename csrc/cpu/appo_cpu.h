@@ -21,15 +21,16 @@ void token_stats_bwd(const void* logits, int dtype, int64_t n, int64_t vocab, in
                      const float* lse, const float* entropy, const int64_t* topk_set, const float* c,
                      const float* g_logp, const float* g_entropy, void* grad, int num_threads);
 
-// out[t] = sum_{k >= t in t's segment} gamma^(k - t) * x[k]; segments [cu[b], cu[b + 1]). T = float or double.
+// out[t] = sum_{k >= t in t's segment} gamma^(k - t) * x[k]; segments [cu[b], cu[b + 1]) over n positions,
+// each clamped into [0, n) (no access outside the buffers whatever cu_seqlens holds). T = float or double.
 template <typename T>
-void reverse_scan(const T* x, const int64_t* cu_seqlens, int64_t num_segments, double gamma, T* out,
+void reverse_scan(const T* x, const int64_t* cu_seqlens, int64_t num_segments, int64_t n, double gamma, T* out,
                   int num_threads);
 
 // SPEC 3 per segment over eligible positions: score = Z(entropy) * Z(omega) (Z(entropy) when omega is null),
 // -inf where not eligible; candidate = eligible && Z(entropy) > 0 && Z(omega) > 0. Statistics in double.
 template <typename T>
 void branching_score(const T* entropy, const T* omega, const bool* eligible, const int64_t* cu_seqlens,
-                     int64_t num_segments, T* score, bool* candidate, int num_threads);
+                     int64_t num_segments, int64_t n, T* score, bool* candidate, int num_threads);
 
 }  // namespace appo

@@ -1,6 +1,7 @@
 // Segmented sequence ops (SPEC 2, 3, 5, 6) on CPU: O(N), OpenMP over segments, double accumulation.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -8,12 +9,26 @@
 
 namespace appo {
 
+namespace {
+
+// Segment b's positions [lo, hi), clamped into [0, n): whatever cu_seqlens holds (the Python side passes a
+// valid partition; this guard is what keeps a direct call with a bad one inside the buffers).
+inline void segment_bounds(const int64_t* cu, int64_t b, int64_t n, int64_t* lo, int64_t* hi) {
+  *lo = std::min(std::max<int64_t>(cu[b], 0), n);
+  *hi = std::min(std::max(cu[b + 1], *lo), n);
+}
+
+}  // namespace
+
 template <typename T>
-void reverse_scan(const T* x, const int64_t* cu, int64_t num_segments, double gamma, T* out, int threads) {
+void reverse_scan(const T* x, const int64_t* cu, int64_t num_segments, int64_t n, double gamma, T* out,
+                  int threads) {
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
   for (int64_t b = 0; b < num_segments; ++b) {
+    int64_t lo, hi;
+    segment_bounds(cu, b, n, &lo, &hi);
     double acc = 0;
-    for (int64_t t = cu[b + 1] - 1; t >= cu[b]; --t) {
+    for (int64_t t = hi - 1; t >= lo; --t) {
       acc = double(x[t]) + gamma * acc;
       out[t] = T(acc);
     }
@@ -46,10 +61,11 @@ void zscores(const T* x, const bool* eligible, int64_t lo, int64_t hi, double* m
 
 template <typename T>
 void branching_score(const T* entropy, const T* omega, const bool* eligible, const int64_t* cu,
-                     int64_t num_segments, T* score, bool* candidate, int threads) {
+                     int64_t num_segments, int64_t n, T* score, bool* candidate, int threads) {
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
   for (int64_t b = 0; b < num_segments; ++b) {
-    const int64_t lo = cu[b], hi = cu[b + 1];
+    int64_t lo, hi;
+    segment_bounds(cu, b, n, &lo, &hi);
     double mh, ih, mo = 0, io = 0;
     zscores(entropy, eligible, lo, hi, &mh, &ih);
     if (omega) zscores(omega, eligible, lo, hi, &mo, &io);
@@ -67,11 +83,11 @@ void branching_score(const T* entropy, const T* omega, const bool* eligible, con
   }
 }
 
-template void reverse_scan<float>(const float*, const int64_t*, int64_t, double, float*, int);
-template void reverse_scan<double>(const double*, const int64_t*, int64_t, double, double*, int);
-template void branching_score<float>(const float*, const float*, const bool*, const int64_t*, int64_t, float*, bool*,
-                                     int);
-template void branching_score<double>(const double*, const double*, const bool*, const int64_t*, int64_t, double*,
-                                      bool*, int);
+template void reverse_scan<float>(const float*, const int64_t*, int64_t, int64_t, double, float*, int);
+template void reverse_scan<double>(const double*, const int64_t*, int64_t, int64_t, double, double*, int);
+template void branching_score<float>(const float*, const float*, const bool*, const int64_t*, int64_t, int64_t,
+                                     float*, bool*, int);
+template void branching_score<double>(const double*, const double*, const bool*, const int64_t*, int64_t, int64_t,
+                                      double*, bool*, int);
 
 }  // namespace appo

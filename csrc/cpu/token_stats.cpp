@@ -142,7 +142,10 @@ void fwd_impl(const void* logits, int64_t n, int64_t vocab, int64_t stride_row, 
     for (int64_t s = 1; s < splits; ++s) merge(acc, parts[size_t(i * splits + s)], k);
     const double log_sum = std::log(acc.sum);
     const double row_lse = double(acc.m) + log_sum;
-    const double target = double(Elem<D>::load(base + i * stride_row + tok) * inv_t);
+    // A token outside [0, V) (possible only with value checks off) is never read: its logp is NaN.
+    const bool tok_ok = tok >= 0 && tok < vocab;
+    const double target = tok_ok ? double(Elem<D>::load(base + i * stride_row + tok) * inv_t)
+                                 : std::numeric_limits<double>::quiet_NaN();
     lse[i] = float(row_lse);
     logp[i] = float(target - row_lse);
     double ent = log_sum - acc.shifted / acc.sum;
@@ -155,11 +158,11 @@ void fwd_impl(const void* logits, int64_t n, int64_t vocab, int64_t stride_row, 
       bool token_in_top = false;
       for (int j = 0; j <= k; ++j) {
         const bool is_token_slot = j == k;
-        int64_t id = is_token_slot ? tok : acc.top_id[size_t(j)];
+        const int64_t id = is_token_slot ? tok : acc.top_id[size_t(j)];
         if (!is_token_slot) token_in_top = token_in_top || id == tok;
-        if (is_token_slot && token_in_top) id = -1;
-        topk_set[i * (k + 1) + j] = id;
-        if (id < 0) continue;
+        const bool duplicate = is_token_slot && token_in_top;
+        topk_set[i * (k + 1) + j] = duplicate ? -1 : id;  // an out-of-range token stays: its NaN logp counts
+        if (duplicate) continue;
         const double lp = is_token_slot ? target - row_lse : double(acc.top_val[size_t(j)]) - row_lse;
         const double p = std::exp(lp);
         const double lpf = std::max(lp, -double(FLT_MAX));
@@ -221,7 +224,7 @@ void bwd_impl(const void* logits, int64_t n, int64_t vocab, int64_t stride_row, 
       if (id == tok) g += gl;
       if (entropy_topk) {
         for (int j = 0; j <= k; ++j)
-          if (topk_set[i * (k + 1) + j] == id) g -= gh * (1 + finite_floor(lp)) * p;
+          if (topk_set[i * (k + 1) + j] == id) g -= (gh * p) * (1 + finite_floor(lp));  // p first: 0 at -inf
       }
       Elem<D>::store(out + id, g * inv_t);
     };

@@ -41,14 +41,34 @@ def _block_scan(x: Tensor, seg: Tensor, step: float) -> Tensor:
     return local.reshape(-1)[:n]
 
 
+def _non_finite_suffix(x: Tensor, layout) -> Tensor:
+    """What the non-finite entries at or after each position of its rollout make of a suffix sum: +inf or -inf
+    when only that kind is present, NaN for a NaN or both infinities, 0 when none (gamma > 0 never scales an
+    infinity away). A sequential scan gets the same; the dense blocks of `_block_scan` would spread it (0 * inf)."""
+    n = x.numel()
+    idx = torch.arange(n, device=x.device)
+    kinds = torch.stack([x == float("inf"), x == float("-inf"), torch.isnan(x)])          # [3, N]
+    at_or_after = torch.where(kinds, idx, n).flip(1).cummin(dim=1).values.flip(1)       # next index of each kind
+    seg_end = layout.cu_seqlens[1:][layout.seg]
+    pos_inf, neg_inf, nan = (at_or_after < seg_end).unbind(0)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    out = torch.where(pos_inf, float("inf"), torch.where(neg_inf, float("-inf"), zero))
+    return torch.where(nan | (pos_inf & neg_inf), float("nan"), out)
+
+
 def reverse_discounted_scan(x: Tensor, layout, gamma: float) -> Tensor:
     """F[t] = sum_{k >= t in the same rollout} gamma^(k - t) * x[k] over flat [N] `x` (SPEC 2, 5, 6).
 
-    `layout` is an appo_kernels._layout.SeqLayout; exact, O(N), vectorised.
+    `layout` is an appo_kernels._layout.SeqLayout; exact, O(N), vectorised. A non-finite x[k] reaches only the
+    positions t <= k of its own rollout, as in a sequential scan.
     """
     if x.numel() == 0:
         return x.clone()
-    return _block_scan(x, layout.seg, float(gamma))
+    finite = torch.isfinite(x)
+    scan = _block_scan(torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)), layout.seg,
+                       float(gamma))
+    nonfinite = _non_finite_suffix(x, layout)
+    return torch.where(nonfinite == 0, scan, nonfinite)
 
 
 def segment_sum(x: Tensor, seg: Tensor, num_segments: int) -> Tensor:

@@ -114,13 +114,16 @@ def merge(a: Optional[Partial], b: Partial, k: int) -> Partial:
     return Partial(m, sa + sb, ha + hb, a.target + b.target, topk_vals, topk_ids)
 
 
-def finalize(p: Partial, tokens: Tensor, valid: Tensor, entropy_topk: bool) -> RowStats:
-    """Row statistics from merged partials; rows that are not `valid` (ignored) become 0."""
+def finalize(p: Partial, tokens: Tensor, valid: Tensor, vocab: int, entropy_topk: bool) -> RowStats:
+    """Row statistics from merged partials; rows that are not `valid` (ignored) become 0, and a valid row whose
+    token lies outside [0, vocab) (value checks off) gets NaN logp."""
     log_sumexp = torch.log(p.sumexp)
     lse = p.m + log_sumexp
     entropy = log_sumexp - p.shifted / p.sumexp
-    logp = p.target - lse
-    topk_logp = p.topk_vals - lse[:, None]
+    # (s - m) - log sum exp(s - m), not s - lse: exact where |s| is large (logits around -1000 in fp32).
+    target = torch.where((tokens >= 0) & (tokens < vocab), p.target, float("nan"))
+    logp = (target - p.m) - log_sumexp
+    topk_logp = (p.topk_vals - p.m[:, None]) - log_sumexp[:, None]
     topk_set, c = lse.new_empty(0), lse.new_empty(0)
     if entropy_topk:
         in_topk = (p.topk_ids == tokens[:, None]).any(dim=1)
@@ -201,8 +204,9 @@ def _cat_stats(parts, k: int, like: Tensor, entropy_topk: bool) -> RowStats:
 
 
 def _valid_tokens(tokens: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    tokens = tokens.to(torch.int64)   # before comparing: a narrow dtype would wrap ignore_index
     valid = tokens != ignore_index
-    return torch.where(valid, tokens, torch.zeros_like(tokens)).to(torch.int64), valid
+    return torch.where(valid, tokens, torch.zeros_like(tokens)), valid
 
 
 def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk: int, ignore_index: int,
@@ -217,7 +221,7 @@ def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk
     for r0, r1 in tiles:
         s = _scaled(scratch.view(0, r1 - r0, v), logits[r0:r1], temperature)
         part = tile_partial(s, scratch.view(1, r1 - r0, v), 0, tokens[r0:r1], topk)
-        parts.append(finalize(part, tokens[r0:r1], valid[r0:r1], entropy_topk))
+        parts.append(finalize(part, tokens[r0:r1], valid[r0:r1], v, entropy_topk))
     return _cat_stats(parts, topk, logits.new_zeros(0, dtype=cdt), entropy_topk)
 
 
@@ -276,7 +280,7 @@ def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Optional[Te
         for v0, v1 in vtiles:
             s = _logits_tile(scratch.view(0, r1 - r0, v1 - v0), h, weight, bias, v0, v1, temperature)
             acc = merge(acc, tile_partial(s, scratch.view(1, r1 - r0, v1 - v0), v0, tokens[r0:r1], topk), topk)
-        parts.append(finalize(acc, tokens[r0:r1], valid[r0:r1], entropy_topk))
+        parts.append(finalize(acc, tokens[r0:r1], valid[r0:r1], v, entropy_topk))
     return _cat_stats(parts, topk, hidden.new_zeros(0, dtype=cdt), entropy_topk)
 
 

@@ -301,7 +301,7 @@ def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Tensor | No
             n, v, h, 1.0 / float(temperature), tiles_per_split * bv, nt,
             HAS_BIAS=bias is not None, K=k, DOT_F32=dot_f32, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
             num_warps=4 if dot_f32 else 8)
-    return merge_partials(part, cand_v, cand_i, tokens, valid, k, entropy_topk)
+    return merge_partials(part, cand_v, cand_i, tokens, valid, v, k, entropy_topk)
 
 
 def linear_token_stats_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,

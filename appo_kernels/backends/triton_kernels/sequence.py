@@ -25,7 +25,16 @@ def _affine_combine(a_later, b_later, a_cur, b_cur):
 
 
 @triton.jit
-def _reverse_scan_kernel(x_ptr, cu_ptr, gamma_ptr, out_ptr, BLOCK: tl.constexpr):
+def _segment_bounds(cu_ptr, seg, N):
+    """Segment seg's [start, end), clamped into [0, N) whatever cu_seqlens holds (the Python side passes a valid
+    partition; this keeps a direct call with a bad one inside the buffers)."""
+    start = tl.minimum(tl.maximum(tl.load(cu_ptr + seg).to(tl.int64), 0), N)
+    end = tl.minimum(tl.maximum(tl.load(cu_ptr + seg + 1).to(tl.int64), start), N)
+    return start, end
+
+
+@triton.jit
+def _reverse_scan_kernel(x_ptr, cu_ptr, gamma_ptr, out_ptr, N, BLOCK: tl.constexpr):
     """out[t] = sum_{k >= t in t's segment} gamma^(k - t) * x[k], one program per segment.
 
     The segment is walked backwards in BLOCK tiles aligned to its end. Within a tile, a reverse associative
@@ -33,8 +42,7 @@ def _reverse_scan_kernel(x_ptr, cu_ptr, gamma_ptr, out_ptr, BLOCK: tl.constexpr)
     discounted suffix sum; out[i] = B[i] + A[i] * carry, with carry = out at the first position after the tile.
     """
     seg = tl.program_id(0)
-    start = tl.load(cu_ptr + seg).to(tl.int64)
-    end = tl.load(cu_ptr + seg + 1).to(tl.int64)
+    start, end = _segment_bounds(cu_ptr, seg, N)
     gamma = tl.load(gamma_ptr)                      # float64
     n_tiles = (end - start + BLOCK - 1) // BLOCK
     idx = tl.arange(0, BLOCK)
@@ -92,13 +100,12 @@ def _segment_moments(x_ptr, elig_ptr, start, end, idx, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _branching_score_kernel(h_ptr, o_ptr, elig_ptr, cu_ptr, score_ptr, cand_ptr,
+def _branching_score_kernel(h_ptr, o_ptr, elig_ptr, cu_ptr, score_ptr, cand_ptr, N,
                             HAS_OMEGA: tl.constexpr, BLOCK: tl.constexpr):
     """SPEC 3 for one segment: z-scores over its eligible positions, score = z_H * z_O (or z_H), -inf where
     not eligible; candidate = eligible & z_H > 0 (& z_O > 0)."""
     seg = tl.program_id(0)
-    start = tl.load(cu_ptr + seg).to(tl.int64)
-    end = tl.load(cu_ptr + seg + 1).to(tl.int64)
+    start, end = _segment_bounds(cu_ptr, seg, N)
     idx = tl.arange(0, BLOCK).to(tl.int64)
     eps = tl.full((), 1e-6, tl.float64)
     mean_h, std_h = _segment_moments(h_ptr, elig_ptr, start, end, idx, BLOCK)
@@ -149,7 +156,8 @@ def reverse_discounted_scan(x: Tensor, layout, gamma: float) -> Tensor:
         return out
     g = torch.full((1,), float(gamma), dtype=torch.float64, device=x.device)
     cu = _cu(layout, x.device)
-    _reverse_scan_kernel[(layout.num_rollouts,)](x, cu, g, out, BLOCK=_scan_block(cu), num_warps=NUM_WARPS)
+    _reverse_scan_kernel[(layout.num_rollouts,)](x, cu, g, out, x.numel(), BLOCK=_scan_block(cu),
+                                                 num_warps=NUM_WARPS)
     return out
 
 
@@ -164,5 +172,6 @@ def branching_score(entropy: Tensor, omega: Tensor | None, eligible: Tensor, lay
         return score, candidate
     _branching_score_kernel[(layout.num_rollouts,)](
         entropy, entropy if omega is None else omega, elig, _cu(layout, entropy.device), score,
-        candidate.view(torch.int8), HAS_OMEGA=omega is not None, BLOCK=SCORE_BLOCK, num_warps=NUM_WARPS)
+        candidate.view(torch.int8), entropy.numel(), HAS_OMEGA=omega is not None, BLOCK=SCORE_BLOCK,
+        num_warps=NUM_WARPS)
     return score, candidate

@@ -126,16 +126,18 @@ def _fwd_kernel(x_ptr, stride_row, tok_ptr, m_ptr, se_ptr, sh_ptr, tgt_ptr, lse_
     # The target logit, from the split whose columns hold it (others add 0).
     here = valid & (tok >= v_start) & (tok < v_stop)
     tgt = tl.where(here, tl.load(base + tl.where(here, tok, 0), mask=here, other=0.0).to(tl.float32) * inv_t, 0.0)
+    tgt = tl.where(valid & ((tok < 0) | (tok >= V)), float("nan"), tgt)   # id out of range (checks off): NaN logp
     off = (row * splits + split) * K + slot
     if SINGLE:      # the common case (enough rows): final statistics, no merge pass
         log_se = tl.log(se)
         lse = m + log_se
         tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
-        tl.store(logp_ptr + row, tl.where(valid, tgt - lse, 0.0))
+        # (s - m) - log se rather than s - lse: exact where |s| is large (logits around -1000).
+        tl.store(logp_ptr + row, tl.where(valid, (tgt - m) - log_se, 0.0))
         if EXACT_ENTROPY:
             tl.store(ent_ptr + row, tl.where(valid, log_se - sh / se, 0.0))
         if K > 0:
-            tl.store(val_ptr + off, tl.where(valid, top_v - lse, 0.0), mask=slot < K)
+            tl.store(val_ptr + off, tl.where(valid, (top_v - m) - log_se, 0.0), mask=slot < K)
             tl.store(id_ptr + off, tl.where(valid, top_i, 0).to(tl.int64), mask=slot < K)
     else:
         out = split.to(tl.int64) * N + row
@@ -213,11 +215,11 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def merge_partials(part: Tensor, cand_v: Tensor, cand_i: Tensor, tokens: Tensor, valid: Tensor, topk: int,
-                   entropy_topk: bool) -> RowStats:
+def merge_partials(part: Tensor, cand_v: Tensor, cand_i: Tensor, tokens: Tensor, valid: Tensor, vocab: int,
+                   topk: int, entropy_topk: bool) -> RowStats:
     """RowStats from per-split partials `part` = (m, se, sh, target logit) `[4, splits, n]` and top-k
     candidates `[n, C, k]` (id V = none), merged as the reference's `merge` does: each split rescaled by
-    exp(m_split - m); the candidates sorted by (value desc, id asc)."""
+    exp(m_split - m); the candidates sorted by (value desc, id asc). A token outside [0, vocab) gets NaN logp."""
     n = tokens.shape[0]
     f32 = {"dtype": torch.float32, "device": tokens.device}
     pm, pse, psh, ptgt = part
@@ -230,14 +232,15 @@ def merge_partials(part: Tensor, cand_v: Tensor, cand_i: Tensor, tokens: Tensor,
     log_se = torch.log(se)
     lse = m + log_se
     entropy = log_se - sh / se
-    logp = ptgt.sum(dim=0) - lse
+    target = torch.where((tokens >= 0) & (tokens < vocab), ptgt.sum(dim=0), float("nan"))
+    logp = (target - m) - log_se
     if topk:
         ids = cand_i.reshape(n, cand_i[0].numel() if n else 0)
         by_id = torch.argsort(ids, dim=1, stable=True)          # ties then keep the smaller id first
         ids, vals = ids.gather(1, by_id), cand_v.reshape(ids.shape).gather(1, by_id)
         vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
         topk_ids = ids.gather(1, order[:, :topk])
-        topk_logp = vals[:, :topk] - lse[:, None]
+        topk_logp = (vals[:, :topk] - m[:, None]) - log_se[:, None]
     else:
         topk_ids = torch.empty(n, 0, dtype=torch.int64, device=tokens.device)
         topk_logp = torch.empty(n, 0, **f32)
@@ -288,7 +291,7 @@ def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk
                                  EXACT_ENTROPY=not entropy_topk, SINGLE=single, BLOCK_V=block,
                                  num_warps=8 if block >= 2048 else 4)
     if not single:
-        return merge_partials(part, cand_v, cand_i, tokens, valid, int(topk), entropy_topk)
+        return merge_partials(part, cand_v, cand_i, tokens, valid, v, int(topk), entropy_topk)
     if entropy_topk:
         entropy, c, topk_set = _topk_entropy(final.logp, final.topk_ids, final.topk_logp, tokens, valid)
         return final._replace(entropy=entropy, topk_set=topk_set, c=c)
