@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from appo_train import algorithms
+from appo_train import algorithms, cli
 from appo_train.cli import SMOKE, compare_parser, main, report_parser, train_parser
 from appo_train.policy import (
     GEN,
@@ -32,7 +32,7 @@ from appo_train.policy import (
 )
 from appo_train.tasks import MISTAKES, make_task, score_response, solution_trace
 from appo_train.tokenizer import CharTokenizer
-from appo_train.trainer import TrainConfig, Trainer
+from appo_train.trainer import TrainConfig, Trainer, backend_in_use
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK = CharTokenizer()
@@ -279,6 +279,9 @@ def test_cli_smoke_run_writes_metrics_plots_and_report(tmp_path):
         assert (run / name).stat().st_size > 0, name
     assert "success_before" in out.stdout and str(run / "report.html") in out.stdout
     assert "this invocation: 5 RL steps" in out.stdout
+    backend = backend_in_use("auto")
+    assert out.stdout.startswith(f"appo-train: appo_kernels backend {backend} (")     # said at start ...
+    assert f"| {backend} |" in out.stdout                                            # ... and in the summary
     # `report` rebuilds the run's own report: held-out success, the headline, the same table
     page = (run / "report.html").read_text()
     assert "Held-out success (sampled at temperature 1.0) went from" in page and "<th>success_before</th>" in page
@@ -375,3 +378,23 @@ def test_progress_bar_shows_the_last_evaluation_between_evaluations(tmp_path, mo
     evals = {r["step"]: r["eval_success"] for r in trainer.records if "eval_success" in r}
     assert list(evals) == [0, 2, 3]                     # step 1 has no evaluation: it shows step 0's
     assert [p["eval"] for p in postfixes if "step" in p] == [f"{evals[0]:.2f}", f"{evals[2]:.2f}", f"{evals[3]:.2f}"]
+
+
+def test_a_missing_extra_stops_the_run_before_training(monkeypatch):
+    import appo_train.trainer as trainer_module
+    monkeypatch.setitem(sys.modules, "matplotlib", None)            # what an environment without it looks like
+    monkeypatch.setattr(trainer_module, "Trainer", lambda *a, **k: pytest.fail("started training"))
+    for command in ([], ["compare"]):
+        with pytest.raises(SystemExit, match=r"matplotlib not installed; the trainer needs the \[train\] extra"):
+            main([*command, "--smoke"])
+
+
+def test_the_backend_line_says_why_auto_fell_back_to_torch(monkeypatch):
+    import appo_train.trainer as trainer_module
+    monkeypatch.setattr(trainer_module, "backend_in_use", lambda requested: "torch")
+    assert "the compiled native backend is not importable from there" in cli._backend_line("auto")
+    assert cli._backend_line("torch").startswith("appo-train: appo_kernels backend torch (")
+    assert "not importable" not in cli._backend_line("torch")                     # asked for: nothing to explain
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match=r"^appo-train: --backend: "):
+        cli._backend_line("cuda-please")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import statistics
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from .algorithms import ALGORITHMS, OMEGA_SOURCES
 
+TRAIN_EXTRA = ("transformers", "matplotlib", "tqdm")       # what `pip install ".[train]"` adds
 SMOKE = dict(sft_examples=1000, sft_steps=200, prompts_per_step=4, rollouts_per_prompt=8, minibatch_prompts=2,
              token_budget=2500, eval_prompts=16, eval_samples=1, eval_every=2,
              policy=dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64))
@@ -37,6 +39,36 @@ def _config(args, **over):
     kw |= {k: v for k, v in vars(args).items() if k in names and v is not None}
     kw |= over
     return TrainConfig(**kw)
+
+
+def _require(*modules: str) -> None:
+    """Fail at start-up, not after training, when a package of the [train] extra is missing."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise SystemExit(f"appo-train: {', '.join(missing)} not installed; the trainer needs the [train] extra: "
+                         f"pip install \"torch==2.13.0\" \".[train]\" in a clone of the repository")
+
+
+def _backend_line(requested: str) -> str:
+    """Which appo_kernels backend runs the trainer's ops, and from where the package was imported."""
+    import appo_kernels as ak
+
+    from .trainer import backend_in_use
+    try:
+        name = backend_in_use(requested)
+    except ValueError as e:
+        raise SystemExit(f"appo-train: --{e}") from None
+    line = f"appo-train: appo_kernels backend {name} ({Path(ak.__file__).parent})"
+    if name == "torch" and requested == "auto":
+        line += (": the compiled native backend is not importable from there. From a clone's root, `python -m` "
+                 "imports that source tree, which has no extension unless built in place (pip install -e .); "
+                 "run `appo-train`, or start from another directory (docs/distributed.md)")
+    return line
 
 
 def _default(name: str) -> str:
@@ -182,12 +214,15 @@ def train_parser() -> argparse.ArgumentParser:
 def train(argv: list[str]) -> int:
     p = train_parser()
     args = p.parse_args(argv)
+    _require(*TRAIN_EXTRA)
     from .trainer import Trainer
     cfg = _config(args)
     if args.out_dir is None:
         cfg.out_dir = f"runs/{cfg.algo}{'-smoke' if args.smoke else ''}"
     t0 = time.perf_counter()
     with _distributed() as rank:
+        if rank == 0:
+            print(_backend_line(cfg.backend), flush=True)
         trainer = Trainer(cfg, progress=args.progress)
         resumed_at = trainer.step
         summary = trainer.run()
@@ -225,7 +260,9 @@ def compare_parser() -> argparse.ArgumentParser:
 def compare(argv: list[str]) -> int:
     p = compare_parser()
     args = p.parse_args(argv)
+    _require(*TRAIN_EXTRA)
     from .trainer import Trainer
+    print(_backend_line(args.backend or "auto"), flush=True)
     out = Path(args.out)
     summaries, run_dirs = [], []
     for seed in args.seeds:
@@ -254,6 +291,7 @@ def report_parser() -> argparse.ArgumentParser:
 def report_only(argv: list[str]) -> int:
     p = report_parser()
     args = p.parse_args(argv)
+    _require("matplotlib")
     from .trainer import summarize
     out = Path(args.out)
     if not out.is_dir():

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import appo_kernels as ak
+from appo_kernels.backends import resolve as resolve_backend
 
 from . import algorithms, seeding
 from .algorithms import ALGORITHMS, OMEGA_SOURCES, StepBatch
@@ -201,10 +202,18 @@ def _mean(values) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def backend_in_use(requested: str) -> str:
+    """The appo_kernels backend that runs the trainer's ops (CPU, float32): `requested`, or what "auto" picks
+    (the compiled native backend when it is importable, else torch). Raises ValueError naming `backend` for one
+    that cannot run here."""
+    return resolve_backend(requested, torch.device("cpu"), "token_stats", torch.float32).NAME
+
+
 def summarize(records: list[dict]) -> dict:
     """A run's summary from its metrics records (`Trainer.summary`; `appo-train report` rebuilds it from
     metrics.jsonl): held-out success, reward, tool calls and format rate before RL and at the last evaluation,
-    RL steps, generated tokens, RL wall time (the steps' own times) and the mean share of post-answer forks."""
+    RL steps, generated tokens, RL wall time (the steps' own times), the mean share of post-answer forks and the
+    appo_kernels backend of the last step."""
     first, last = records[0], records[-1]
     last_eval = next(r for r in reversed(records) if "eval_success" in r)
     return {"algo": last["algo"], "seed": last["seed"], "steps": last["step"], "gen_tokens": last["gen_tokens"],
@@ -212,7 +221,7 @@ def summarize(records: list[dict]) -> dict:
             "success_before": first["eval_success"], "success": last_eval["eval_success"],
             "reward_before": first["eval_reward"], "reward": last_eval["eval_reward"],
             "tool_calls": last_eval["eval_tool_calls"], "format": last_eval["eval_format"],
-            "post_answer_forks": _mean(r.get("post_answer_forks") for r in records)}
+            "post_answer_forks": _mean(r.get("post_answer_forks") for r in records), "backend": last["backend"]}
 
 
 def _trajectory(config: dict) -> dict:
@@ -252,6 +261,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+        self.backend = backend_in_use(cfg.backend)
         self.tok = CharTokenizer()
         sft = warm_start(cfg, self.tok, self.progress)
         self.model = build_policy(self.tok, cfg.policy, cfg.seed)
@@ -312,7 +322,7 @@ class Trainer:
                    desc=f"RL {cfg.algo}", disable=not self.progress, dynamic_ncols=True, mininterval=1.0)
         if not self.records:
             self.records.append({"algo": cfg.algo, "seed": cfg.seed, "step": 0, "gen_tokens": 0,
-                                 **self._eval_only()})
+                                 **self._eval_only(), "backend": self.backend})
             self._write_metrics()
         last_eval = next(r["eval_success"] for r in reversed(self.records) if "eval_success" in r)
         while not self.done():
@@ -373,7 +383,8 @@ class Trainer:
                   "reward": reward / rows, "success": success / rows, "tool_calls": calls / rows,
                   "entropy": ent_sum / ent_n if ent_n else None, "format": fmt / rows, "branches": int(branches),
                   "candidate_share": cand / eligible if sc is not None and eligible else None,
-                  "post_answer_forks": wasted / forks if forks else None, "ranks": self.world_size, **losses}
+                  "post_answer_forks": wasted / forks if forks else None, "ranks": self.world_size,
+                  "backend": self.backend, **losses}
         return record, batch, adv
 
     def _update(self, batch: StepBatch, adv, loss_mask, logp_old, logp_ref, gen) -> dict:
