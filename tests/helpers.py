@@ -170,3 +170,53 @@ def run_docs_example(page: str, timeout: int = 600):
     example = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[-1]
     return subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=timeout,
                           check=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the documented support table (docs/api.md, "Backends"): what a backend may refuse with BackendUnsupported
+# ----------------------------------------------------------------------------------------------------------
+
+_LOW = ("float32", "bfloat16", "float16")
+_SEQ = ("float32", "float64")
+# (backend, device type) -> op -> (input dtypes it runs, largest topk or None); written from the docs, not from
+# the backends, so that a backend refusing what the docs promise fails the test instead of skipping it.
+DOCUMENTED_SUPPORT = {
+    ("native", "cpu"): {"token_stats": (_LOW, None), "reverse_discounted_scan": (_SEQ, None),
+                        "branching_score": (_SEQ, None)},
+    ("native", "cuda"): {"token_stats": (_LOW, 64), "reverse_discounted_scan": (("float32",), None),
+                         "branching_score": (("float32",), None)},
+    ("triton", "cuda"): {"token_stats": (_LOW, 64), "linear_token_stats": (_LOW, None),
+                         "reverse_discounted_scan": (_SEQ, None), "branching_score": (_SEQ, None)},
+}
+DOCUMENTED_SUPPORT[("triton", "cpu")] = DOCUMENTED_SUPPORT[("triton", "cuda")]   # under the interpreter
+
+
+def documented_unsupported(backend: str, op: str, device_type: str, dtype, topk: int = 0) -> bool:
+    """Whether docs/api.md's table says `backend` does not run `op` for these inputs (torch runs everything)."""
+    if backend == "torch":
+        return False
+    ops = DOCUMENTED_SUPPORT.get((backend, device_type), {})
+    if op not in ops:
+        return True
+    dtypes, max_topk = ops[op]
+    dtype_name = str(dtype).replace("torch.", "") if dtype is not None else None
+    return (dtype_name is not None and dtype_name not in dtypes) or (max_topk is not None and topk > max_topk)
+
+
+def support_table_markdown() -> str:
+    """DOCUMENTED_SUPPORT as the Markdown table docs/api.md carries (tests/test_project.py keeps them equal)."""
+    ops = ("token_stats", "linear_token_stats", "reverse_discounted_scan", "branching_score")
+    lines = ["| backend | device | " + " | ".join(f"`{op}`" for op in ops) + " |",
+             "|---|---|" + "---|" * len(ops)]
+    for (backend, device), table in DOCUMENTED_SUPPORT.items():
+        cells = []
+        for op in ops:
+            if op not in table:
+                cells.append("no")
+                continue
+            dtypes, max_topk = table[op]
+            cells.append(", ".join(dtypes) + (f"; topk <= {max_topk}" if max_topk is not None else ""))
+        where = "cpu (Triton interpreter)" if (backend, device) == ("triton", "cpu") else device
+        lines.append(f"| {backend} | {where} | " + " | ".join(cells) + " |")
+    lines.append("| torch | any | " + " | ".join(["float16, bfloat16, float32, float64"] * len(ops)) + " |")
+    return "\n".join(lines)
