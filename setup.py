@@ -11,6 +11,8 @@ A failed native build is a warning, not an error: the torch backend keeps workin
   that runs `pip install` (AVX-512 makes the vocabulary pass 5x faster than AVX2 here). Set e.g. "x86-64-v3"
   for a build that must run on other machines, or "none" for the compiler's default.
 - APPO_KERNELS_CUDA_ARCHS: compute capabilities to build for (default "80;90"; PTX of the last is embedded).
+- APPO_KERNELS_SANITIZE: e.g. "address,undefined" builds the CPU kernels with those sanitizers (-O1, no
+  recovery), for .ci/sanitize.sh; the module then needs libasan preloaded (LD_PRELOAD) to import.
 
 No torch at build time: the kernels take raw pointers, so pip never installs a torch wheel into the isolated
 build environment (where an unpinned torch would be the multi-GB CUDA build).
@@ -34,6 +36,14 @@ def _flag(name):
 def _cpu_arch_flags():
     arch = os.environ.get("APPO_KERNELS_CPU_ARCH", "native").strip() or "native"
     return [] if arch == "none" else [f"-march={arch}"]
+
+
+def _sanitizer_flags():
+    sanitize = os.environ.get("APPO_KERNELS_SANITIZE", "").strip()
+    if not sanitize:
+        return [], []
+    flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g", "-O1"]
+    return flags, [f"-fsanitize={sanitize}"]
 
 
 def _cuda_home():
@@ -91,14 +101,15 @@ def _extensions():
     except ImportError:
         sys.stderr.write("appo_kernels: pybind11 is not installed; skipping the native extensions\n")
         return []
+    san_compile, san_link = _sanitizer_flags()
     exts = [Extension(
         "appo_kernels._C",
         sources=["csrc/bindings_cpu.cpp", "csrc/cpu/token_stats.cpp", "csrc/cpu/sequence.cpp"],
         include_dirs=[pybind11.get_include(), "csrc"],
         language="c++",
         extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-                            *_cpu_arch_flags()],
-        extra_link_args=["-fopenmp"],
+                            *_cpu_arch_flags(), *san_compile],
+        extra_link_args=["-fopenmp", *san_link],
     )]
     cuda = _cuda_home()
     want_cuda = _flag("APPO_KERNELS_BUILD_CUDA")
