@@ -175,7 +175,7 @@ def fwd_tol():
 
 
 def run_token_case(name, n, v, dtype, kind, topk, entropy_topk, temperature=1.0, stride_pad=0, offset=0,
-                   ignore_rows=(), seed=0, backward=True, extra_rows=None):
+                   ignore_rows=(), seed=0, backward=True, extra_rows=None, bad_tokens=None):
     gen = torch.Generator().manual_seed(seed)
     logits = make_logits(n, v, dtype, kind, gen, stride_pad, offset)
     if extra_rows:
@@ -188,6 +188,8 @@ def run_token_case(name, n, v, dtype, kind, topk, entropy_topk, temperature=1.0,
     ignore = -100
     for r in ignore_rows:
         tokens[r] = ignore
+    for r, tok in (bad_tokens or {}).items():   # ids outside [0, V) (value checks off): never read, NaN logp
+        tokens[r] = tok
     tokens = tokens.to(DEV)
     got = cuda_fwd(logits, tokens, temperature, topk, ignore, entropy_topk)
     want = ref_vocab.token_stats_forward(logits.float(), tokens, temperature, topk, ignore, entropy_topk)
@@ -239,6 +241,13 @@ def token_cases(large):
     row[[3, 7]] = torch.tensor([1.0, 2.0])
     cases.append(("f32 few finite", dict(n=3, v=300, dtype=torch.float32, kind="randn", topk=6, entropy_topk=True,
                                          extra_rows={1: row, 2: torch.full((300,), -math.inf)}, backward=False)))
+    # token ids outside [0, V), as they arrive with value checks off (under ASan: no read outside the row)
+    for et, topk in ((False, 0), (True, 5)):
+        cases.append((f"f32 ids out of range et{int(et)}", dict(n=5, v=300, dtype=torch.float32, kind="randn",
+                                                               topk=topk, entropy_topk=et,
+                                                               bad_tokens={1: 300, 2: -5, 4: 10 ** 7})))
+    cases.append(("split ids out of range", dict(n=2, v=20000, dtype=torch.bfloat16, kind="randn", topk=3,
+                                                 entropy_topk=False, bad_tokens={0: 20000, 1: -1})))
     # the split-vocabulary path (rows < 2 x SMs; the emulator reports EMU_SMS = 8 SMs)
     for dtype in (torch.float32, torch.bfloat16):
         cases.append((f"split {DNAME[dtype]}", dict(n=2, v=40000 if dtype == torch.bfloat16 else 20000, dtype=dtype,
@@ -267,10 +276,15 @@ def token_cases(large):
     return cases
 
 
-def run_scan(name, lens, gamma, seed):
+def run_scan(name, lens, gamma, seed, bad_cu=None):
+    """`bad_cu`: a cu_seqlens that is not a partition of the n positions (value checks off); the launcher clamps
+    each segment into [0, n), which for these cases is the nearest valid partition the Python side reads."""
     gen = torch.Generator().manual_seed(seed)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int64)
     n = int(cu[-1])
+    if bad_cu is not None:
+        cu = torch.tensor(bad_cu, dtype=torch.int64)
+        lens = [0] * (len(bad_cu) - 1)
     x = torch.randn(n, generator=gen)
     out = torch.full((n,), 9.0, device=DEV)
     rc = LIB.appo_reverse_scan_cuda(ptr(x.to(DEV)), ptr(cu.to(DEV)), len(lens), n, gamma, ptr(out), stream())
@@ -279,13 +293,14 @@ def run_scan(name, lens, gamma, seed):
     g = float(torch.tensor(gamma, dtype=torch.float32))  # the ABI's float gamma
     want = torch.empty(n, dtype=torch.float64)
     xd = x.double().tolist()
+    good = _layout.nearest_partition(cu, n)
     for b in range(len(lens)):
         acc = 0.0
-        for t in range(int(cu[b + 1]) - 1, int(cu[b]) - 1, -1):
+        for t in range(int(good[b + 1]) - 1, int(good[b]) - 1, -1):
             acc = xd[t] + g * acc
             want[t] = acc
     ok = check(f"{name} vs float64", out, want.float(), rtol=1e-6, atol=1e-6)
-    ref = ref_seq.reverse_discounted_scan(x, _layout.seq_layout("x", x, cu), gamma)
+    ref = ref_seq.reverse_discounted_scan(x, _layout.seq_layout("x", x, good), gamma)
     ok &= check(f"{name} vs torch ref", out, ref, rtol=1e-4, atol=1e-4)
     return ok
 
@@ -295,7 +310,10 @@ def scan_cases(large):
              ([300] * 7, 0.5)]
     if large:
         cases += [([8192] * 64, 1.0), ([1 << 20], 2 ** (-1 / 64))]
-    return [(f"scan {lens[:4]}{'...' if len(lens) > 4 else ''} g{gamma:.3f}", lens, gamma) for lens, gamma in cases]
+    named = [(f"scan {lens[:4]}{'...' if len(lens) > 4 else ''} g{gamma:.3f}", lens, gamma, None)
+             for lens, gamma in cases]
+    # cu_seqlens past the end or below 0 (value checks off): each segment clamped into [0, n)
+    return named + [(f"scan bad cu {cu}", [12], 0.9, cu) for cu in ([0, 3, 7, 100000000], [0, -5, 7, 12])]
 
 
 def run_score(name, lens, with_omega, seed):
@@ -456,8 +474,8 @@ def main() -> int:
     count = 0
     for name, kw in token_cases(args.large):
         count += report(name, run_token_case, name, **kw)
-    for name, lens, gamma in scan_cases(args.large):
-        count += report(name, run_scan, name, lens, gamma, len(lens))
+    for name, lens, gamma, bad_cu in scan_cases(args.large):
+        count += report(name, run_scan, name, lens, gamma, len(lens), bad_cu)
     for i, (name, lens, om) in enumerate(score_cases(args.large)):
         count += report(name, run_score, name, lens, om, i)
     if GPU:
