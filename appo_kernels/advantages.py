@@ -1,4 +1,4 @@
-"""Dual-group advantages with prefix credit and per-procedure scaling (SPEC 5)."""
+"""Dual-group advantages with prefix credit and per-procedure scaling (method §5)."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -41,7 +41,7 @@ def _dtype(t: Tensor) -> torch.dtype:
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, is_branch: Optional[Tensor] = None, *,
                      num_groups: Optional[int] = None, scale_by_std: bool = True) -> Tensor:
-    """A_hat: each rollout's reward normalised within its (group, kind) (SPEC 5).
+    """A_hat: each rollout's reward normalised within its (group, kind) (method §5).
 
     Args:
         rewards: float `[R]`. group_ids: integer `[R]` in `[0, G)`.
@@ -75,7 +75,7 @@ def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, spl
                          train_branches: bool = False, num_groups: Optional[int] = None,
                          backend: str = "auto") -> ProcedureAdvantages:
     """Per-token advantages of APPO's rollout trees: dual-group normalisation, prefix credit from the
-    branches that share each token, and optional scaling by branch strength (SPEC 5).
+    branches that share each token, and optional scaling by branch strength (method §5).
 
     Args:
         rewards: float `[R]`, one scalar per rollout (initial and branch rollouts together).
@@ -88,7 +88,7 @@ def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, spl
         branch_score: float `[R]`, BS_b of each branch (its split token's score); needed for
             `branch_strength_scaling`.
         scale_by_std: divide by the (group, kind) std when normalising rewards.
-        branch_strength_scaling: apply M (SPEC 5) with decay lambda = `decay`.
+        branch_strength_scaling: apply M (method §5) with decay lambda = `decay`.
         train_branches: train branch continuation tokens (t > s_b) with their own A_hat.
         num_groups: G (None infers it with a host sync).
 

@@ -1,4 +1,4 @@
-"""Future-KL advantage weighting (SPEC 6) and the clipped policy loss (SPEC 7)."""
+"""Future-KL advantage weighting (method §6) and the clipped policy loss (method §7)."""
 from __future__ import annotations
 
 import math
@@ -19,7 +19,7 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-
 
 
 class FutureKLWeights(NamedTuple):
-    """weights     float per-token: f[t] (SPEC 6)
+    """weights     float per-token: f[t] (method §6)
     advantages  float per-token: A[t] * (1 + coef * f[t])
     Both 0 at masked-out positions."""
     weights: Tensor
@@ -43,7 +43,7 @@ def future_kl_weights(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: 
                       cu_seqlens: Optional[Tensor] = None, gamma: float = 2 ** (-1 / 64), clip_ratio_c: float = 3.0,
                       clip_eps: float = 0.2, high_only: bool = True, coef: float = 1.0,
                       ratio_threshold: float = 6.0, backend: str = "auto") -> FutureKLWeights:
-    """Weight each token's advantage by the (discounted, clipped) KL its future has drifted (SPEC 6).
+    """Weight each token's advantage by the (discounted, clipped) KL its future has drifted (method §6).
 
     Args:
         logp, logp_old, advantages: float `[B, T]` (padded) or `[N]` with `cu_seqlens` (packed); detached.
@@ -101,7 +101,7 @@ def policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Option
                 kl_estimator: str = "k3", aggregation: str = "token-mean", token_count: Optional[float] = None,
                 loss_scale: Optional[float] = None, entropy: Optional[Tensor] = None,
                 entropy_coef: float = 0.0) -> PolicyLoss:
-    """APPO's PPO objective: clip-higher surrogate, dual clip, KL to the reference (SPEC 7).
+    """APPO's PPO objective: clip-higher surrogate, dual clip, KL to the reference (method §7).
 
     Args:
         logp: float per-token `[B, T]` or packed `[N]` (with `cu_seqlens`), log pi_theta, with gradient.

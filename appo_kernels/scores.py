@@ -1,4 +1,4 @@
-"""Future likelihood gain (SPEC 2) and the Branching Score (SPEC 3)."""
+"""Future likelihood gain (method §2) and the Branching Score (method §3)."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -57,7 +57,7 @@ def check_clip_eps(clip_eps) -> float:
 
 def _future_values(impl, lay: SeqLayout, logp: Tensor, logp_old: Tensor, mask: Tensor, gamma: float,
                    clip_eps: float, dtype: torch.dtype) -> FutureValues:
-    """Flat [N] inputs -> flat FutureValues (SPEC 2)."""
+    """Flat [N] inputs -> flat FutureValues (method §2)."""
     zero = torch.zeros((), dtype=dtype, device=logp.device)
     r = torch.where(mask, logp.to(dtype) - logp_old.to(dtype), zero)
     gain = impl.reverse_discounted_scan(r, lay, gamma)
@@ -68,12 +68,12 @@ def _future_values(impl, lay: SeqLayout, logp: Tensor, logp_old: Tensor, mask: T
 def future_values(logp: Tensor, logp_old: Tensor, mask: Optional[Tensor] = None, *,
                   cu_seqlens: Optional[Tensor] = None, gamma: float = 1.0, clip_eps: float = 0.2,
                   backend: str = "auto") -> FutureValues:
-    """Omega, the clipped future likelihood gain of every token (SPEC 2), by an O(N) segmented scan.
+    """Omega, the clipped future likelihood gain of every token (method §2), by an O(N) segmented scan.
 
     Args:
         logp: float `[B, T]` (padded) or `[N]` with `cu_seqlens` (packed): current-policy log-probs.
         logp_old: float, same shape: log-probs of the same tokens under the behaviour, previous or
-            reference policy (the choice decides what Omega means; see SPEC 2).
+            reference policy (the choice decides what Omega means; see method §2).
         mask: 0/1 (bool, int or float) same shape, 1 for generated tokens; None = all ones.
         cu_seqlens: int32/int64 `[B + 1]` for the packed layout.
         gamma: discount in (0, 1]. clip_eps: Omega is clipped to [1 - clip_eps, 1 + clip_eps].
@@ -134,7 +134,7 @@ def score_tokens(entropy: Tensor, logp: Optional[Tensor] = None, logp_old: Optio
                  mask: Optional[Tensor] = None, *, cu_seqlens: Optional[Tensor] = None,
                  eligible: Optional[Tensor] = None, gamma: float = 1.0, clip_eps: float = 0.2,
                  backend: str = "auto") -> BranchingScores:
-    """The Branching Score (SPEC 3) from per-token entropy and log-probs a trainer already has.
+    """The Branching Score (method §3) from per-token entropy and log-probs a trainer already has.
 
     Args:
         entropy: float `[B, T]` or packed `[N]` (with `cu_seqlens`).
@@ -159,7 +159,7 @@ def branching_score(logits: Tensor, tokens: Tensor, logp_old: Optional[Tensor] =
                     eligible: Optional[Tensor] = None, temperature: float = 1.0, topk: int = 0,
                     gamma: float = 1.0, clip_eps: float = 0.2, entropy: str = "exact",
                     backend: str = "auto") -> BranchingScores:
-    """Token statistics, Omega and the Branching Score in one call (SPEC 1-3).
+    """Token statistics, Omega and the Branching Score in one call (method §1-3).
 
     Args:
         logits: float `[B, T, V]` (padded) or `[N, V]` with `cu_seqlens` (packed), the current policy's.

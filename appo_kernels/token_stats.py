@@ -1,4 +1,4 @@
-"""Per-token statistics over the vocabulary in one pass (SPEC 1): log-prob, entropy, lse, top-k."""
+"""Per-token statistics over the vocabulary in one pass (method §1): log-prob, entropy, lse, top-k."""
 from __future__ import annotations
 
 from typing import NamedTuple

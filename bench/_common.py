@@ -8,7 +8,7 @@ Contenders:
 - dense     the authors' O(T^2) approach for the sequence ops: per rollout, an upper-triangular [T, T] decay
             matrix U[t, k] = gamma^(k - t) times the per-token vector, in a Python loop over rollouts.
 
-Every eager reference here is written from SPEC.md / docs/api.md independently of appo_kernels' code.
+Every eager reference here is written from docs/method.md / docs/api.md independently of appo_kernels' code.
 """
 from __future__ import annotations
 
@@ -302,7 +302,7 @@ def decay_matrix(T: int, gamma: float, dtype=torch.float32) -> torch.Tensor:
 
 
 def dense_future_values(logp, logp_old, mask, gamma: float = 1.0, clip_eps: float = 0.2):
-    """SPEC 2 the authors' way: U built inside the call (once, shared by the rollouts: cheaper than once per
+    """method §2 the authors' way: U built inside the call (once, shared by the rollouts: cheaper than once per
     rollout, so the ratio against ours is a lower bound), then per rollout r = mask * (logp - logp_old),
     F = U @ r, omega = clip(exp(clip(F, -20, 20)), 1 - eps, 1 + eps). Returns (omega, gain), 0 where masked."""
     B, T = logp.shape
@@ -328,7 +328,7 @@ def _zscore(x: torch.Tensor, include: torch.Tensor) -> torch.Tensor:
 
 
 def eager_score_tokens(entropy, logp, logp_old, mask, eligible, gamma: float = 1.0, clip_eps: float = 0.2):
-    """SPEC 3 per rollout: Z(entropy) * Z(omega) over eligible & mask positions; -inf elsewhere."""
+    """method §3 per rollout: Z(entropy) * Z(omega) over eligible & mask positions; -inf elsewhere."""
     omega, _ = dense_future_values(logp, logp_old, mask, gamma, clip_eps)
     B, T = entropy.shape
     score = torch.full((B, T), float("-inf"))
@@ -344,7 +344,7 @@ def eager_score_tokens(entropy, logp, logp_old, mask, eligible, gamma: float = 1
 def eager_future_kl_weights(logp, logp_old, advantages, mask, gamma: float = 2 ** (-1 / 64),
                             clip_ratio_c: float = 3.0, clip_eps: float = 0.2, coef: float = 1.0,
                             ratio_threshold: float = 6.0):
-    """SPEC 6 (high_only) with the dense U, per rollout. Returns (weights, advantages_out)."""
+    """method §6 (high_only) with the dense U, per rollout. Returns (weights, advantages_out)."""
     B, T = logp.shape
     U = decay_matrix(T, gamma)
     weights = torch.zeros(B, T)
@@ -363,7 +363,7 @@ def eager_future_kl_weights(logp, logp_old, advantages, mask, gamma: float = 2 *
 
 def eager_policy_loss(logp, logp_old, advantages, mask, logp_ref, eps_low=0.2, eps_high=0.28,
                       clip_ratio_c=3.0, kl_coef=0.001):
-    """SPEC 7, token-mean, k3 KL: the loss (differentiable in logp)."""
+    """method §7, token-mean, k3 KL: the loss (differentiable in logp)."""
     a = advantages.float()
     ratio = torch.exp((logp - logp_old).clamp(-20, 20))
     pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps_low, 1 + eps_high))
@@ -376,7 +376,7 @@ def eager_policy_loss(logp, logp_old, advantages, mask, logp_ref, eps_low=0.2, e
 
 def eager_procedure_advantages(rewards, group_ids, parent, split, mask, branch_score, decay: float = 0.9,
                                train_branches: bool = True):
-    """SPEC 5 with a Python loop over rollouts (vectorised over t), branch-strength scaling on.
+    """method §5 with a Python loop over rollouts (vectorised over t), branch-strength scaling on.
     Returns (advantages [R, T], loss_mask [R, T], group_advantages [R])."""
     R, T = mask.shape
     is_branch = parent >= 0

@@ -393,7 +393,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines += ["", "torch.compile: compile + first call, seconds (not in the timings above; depends on the "
                   "local inductor cache):", ""]
         lines += md_table(["case", "compile s"], compile_times)
-    lines += ["", f"## c. future_values (SPEC 2 Omega), B={sz.fv_b}, gamma={SEQ_GAMMA}, ours vs the authors' "
+    lines += ["", f"## c. future_values (method §2 Omega), B={sz.fv_b}, gamma={SEQ_GAMMA}, ours vs the authors' "
               "dense O(T^2) approach", "",
               "dense: U[t, k] = gamma^(k-t) (upper-triangular [T, T], built inside the timed call, once per call), "
               "then per rollout F = U @ (mask * (logp - logp_old)), exp of clipped F, clip. Both checked allclose "

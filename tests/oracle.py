@@ -1,6 +1,6 @@
 """Independent float64 oracle for appo_kernels.
 
-Written straight from SPEC.md and docs/api.md as plain Python loops over lists of floats (``math`` only).
+Written straight from docs/method.md and docs/api.md as plain Python loops over lists of floats (``math`` only).
 It never imports appo_kernels and uses no vectorised torch code: it is meant to be obviously correct, not
 fast.  Every function works on python lists; sequence ops work per rollout (a list of per-rollout lists).
 
@@ -21,7 +21,7 @@ def _isnan(x):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SPEC 1: token statistics
+# method §1: token statistics
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -89,7 +89,7 @@ def token_stats_grad_row(logits_row, token, g_lp, g_h, temperature=1.0, topk=0, 
                          entropy="exact"):
     """d(g_lp * logp + g_h * entropy) / d logits for one row (list of V floats).
 
-    exact entropy (SPEC 1): dL/ds[v] = g_lp (1[v=a] - p_v) - g_h p_v (s_v - (lse - H)); then / tau.
+    exact entropy (method §1): dL/ds[v] = g_lp (1[v=a] - p_v) - g_h p_v (s_v - (lse - H)); then / tau.
     topk entropy, H_S = -sum_{u in S} p_u log p_u with dp_u/ds_v = p_u (1[u=v] - p_v):
         dH_S/ds_v = -1[v in S] p_v (log p_v + 1) + p_v sum_{u in S} p_u (log p_u + 1).
     """
@@ -137,7 +137,7 @@ def linear_logits(hidden_rows, weight_rows, bias=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SPEC 2: future likelihood gain
+# method §2: future likelihood gain
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -174,7 +174,7 @@ def future_values(logp, logp_old, mask, gamma=1.0, clip_eps=0.2):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SPEC 3: branching score
+# method §3: branching score
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -238,7 +238,7 @@ def score_tokens(entropy, logp=None, logp_old=None, mask=None, eligible=None, ga
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SPEC 4: choosing branch points
+# method §4: choosing branch points
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -297,7 +297,7 @@ def select_branch_points(scores, candidates, group_ids, num_branches, num_groups
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SPEC 5: dual-group advantages
+# method §5: dual-group advantages
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -380,7 +380,7 @@ def procedure_advantages(rewards, group_ids, parent, split, mask, branch_score=N
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SPEC 6: future-KL advantage weighting
+# method §6: future-KL advantage weighting
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -418,7 +418,7 @@ def future_kl_weights(logp, logp_old, adv, mask, **kw):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SPEC 7: policy loss
+# method §7: policy loss
 # ----------------------------------------------------------------------------------------------------------
 
 

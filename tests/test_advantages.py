@@ -1,4 +1,4 @@
-"""group_advantages and procedure_advantages (SPEC 5, docs/api.md).
+"""group_advantages and procedure_advantages (method §5, docs/api.md).
 
 Hand-built trees with the answers worked out in comments, then random trees against the oracle, padded and
 packed.

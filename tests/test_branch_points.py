@@ -1,4 +1,4 @@
-"""select_branch_points (SPEC 4, docs/api.md `select_branch_points`).
+"""select_branch_points (method §4, docs/api.md `select_branch_points`).
 
 Hand-built cases with the answers worked out in comments, then random cases against the oracle, in padded
 and packed layouts.

@@ -1,4 +1,4 @@
-"""future_kl_weights (SPEC 6, docs/api.md `future_kl_weights`) vs the oracle, padded and packed."""
+"""future_kl_weights (method §6, docs/api.md `future_kl_weights`) vs the oracle, padded and packed."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""future_values (SPEC 2, docs/api.md `future_values`): omega and gain vs the oracle, padded and packed."""
+"""future_values (method §2, docs/api.md `future_values`): omega and gain vs the oracle, padded and packed."""
 
 import math
 

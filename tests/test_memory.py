@@ -1,5 +1,5 @@
 """Memory: token_stats forward + backward on [4096, 32000] fp32 must not hold a second [N, V] float tensor
-beyond the gradient itself (SPEC 1: save only per-row statistics, recompute p in backward).
+beyond the gradient itself (method §1: save only per-row statistics, recompute p in backward).
 
 Measured in a fresh subprocess with the peak resident set size (ru_maxrss): the baseline is taken after
 creating and touching the logits and warming up on a tiny input; the growth through forward + backward must

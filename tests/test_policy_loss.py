@@ -1,4 +1,4 @@
-"""policy_loss (SPEC 7, docs/api.md `policy_loss`): clip-higher, dual clip, KL estimators, aggregations,
+"""policy_loss (method §7, docs/api.md `policy_loss`): clip-higher, dual clip, KL estimators, aggregations,
 metrics and gradients, against the oracle."""
 
 import oracle

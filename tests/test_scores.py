@@ -1,4 +1,4 @@
-"""score_tokens and branching_score (SPEC 3, docs/api.md): z-scores, scores, candidates vs the oracle."""
+"""score_tokens and branching_score (method §3, docs/api.md): z-scores, scores, candidates vs the oracle."""
 
 import math
 

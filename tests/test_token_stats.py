@@ -1,4 +1,4 @@
-"""token_stats (SPEC 1, docs/api.md `token_stats`) against the float64 oracle: values, edge cases, gradients."""
+"""token_stats (method §1, docs/api.md `token_stats`) against the float64 oracle: values, edge cases, gradients."""
 
 import math
 

@@ -44,7 +44,7 @@ def test_estimator_without_tree_is_the_group_zscore():
     score = rewards.sum(-1).double().numpy()
     for uid in set(index):
         rows = np.nonzero(index == uid)[0]
-        z = (score[rows] - score[rows].mean()) / (score[rows].std() + 1e-6)   # population std (SPEC 5)
+        z = (score[rows] - score[rows].mean()) / (score[rows].std() + 1e-6)   # population std (method §5)
         for r, expected in zip(rows, z):
             got = adv[r][mask[r].bool()]
             torch.testing.assert_close(got, torch.full_like(got, float(expected)), rtol=1e-5, atol=1e-5)
@@ -62,7 +62,7 @@ def test_estimator_with_a_tree_credits_shared_prefixes():
     torch.testing.assert_close(adv, want.advantages * want.loss_mask)
     # tokens 4..7 are shared with one branch only (its credit, +-1 in a branch group of two), 8.. with none
     torch.testing.assert_close((adv[0, 4:8] - adv[0, 8:]).abs(), torch.ones(4), rtol=1e-4, atol=1e-4)
-    assert torch.all(adv[2:] == 0)                          # branch rows: signal, not gradient (SPEC 5)
+    assert torch.all(adv[2:] == 0)                          # branch rows: signal, not gradient (method §5)
 
 
 @pytest.mark.parametrize("weights", [False, True])

@@ -6,13 +6,13 @@
     #   algorithm.adv_estimator=appo
     #   actor_rollout_ref.actor.policy_loss.loss_mode=appo
 
-- Advantage estimator "appo" (`verl.trainer.ppo.core_algos.get_adv_estimator_fn("appo")`): SPEC 5's
+- Advantage estimator "appo" (`verl.trainer.ppo.core_algos.get_adv_estimator_fn("appo")`): method §5's
   dual-group advantages via `appo_kernels.procedure_advantages`. verl's stock `compute_advantage` passes only
   the rewards, the response mask and the prompt uid, so out of the box every rollout is an initial one and
-  the result is the group-normalised reward with SPEC's population std (verl's own "grpo" uses the sample
+  the result is the group-normalised reward with the method's population std (verl's own "grpo" uses the sample
   std). A rollout loop that forks branches passes the tree as keyword arguments `appo_parent`, `appo_split`
   (and `appo_branch_score` for branch-strength scaling); then branch credit reaches the shared prefixes.
-- Policy loss "appo" (`get_policy_loss_fn("appo")`): SPEC 6's future-KL advantage weighting
+- Policy loss "appo" (`get_policy_loss_fn("appo")`): method §6's future-KL advantage weighting
   (`appo_kernels.future_kl_weights`) followed by the clip-higher / dual-clip surrogate of
   `appo_kernels.policy_loss`, with verl's clip settings (`clip_ratio_low`, `clip_ratio_high`, `clip_ratio_c`)
   and verl's global token normalisation for "token-mean". The KL-to-reference term stays verl's own

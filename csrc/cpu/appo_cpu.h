@@ -7,7 +7,7 @@ namespace appo {
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-// Token statistics forward (SPEC 1). logits: n rows of `vocab` contiguous elements, row i at
+// Token statistics forward (method §1). logits: n rows of `vocab` contiguous elements, row i at
 // logits + i * stride_row. Outputs are float32; topk_ids/topk_logp are [n, topk] (unused when topk == 0);
 // topk_set [n, topk + 1] and c [n] are written only when entropy_topk (see backends/_types.py RowStats).
 void token_stats_fwd(const void* logits, int dtype, int64_t n, int64_t vocab, int64_t stride_row,
@@ -27,7 +27,7 @@ template <typename T>
 void reverse_scan(const T* x, const int64_t* cu_seqlens, int64_t num_segments, int64_t n, double gamma, T* out,
                   int num_threads);
 
-// SPEC 3 per segment over eligible positions: score = Z(entropy) * Z(omega) (Z(entropy) when omega is null),
+// method §3 per segment over eligible positions: score = Z(entropy) * Z(omega) (Z(entropy) when omega is null),
 // -inf where not eligible; candidate = eligible && Z(entropy) > 0 && Z(omega) > 0. Statistics in double.
 template <typename T>
 void branching_score(const T* entropy, const T* omega, const bool* eligible, const int64_t* cu_seqlens,

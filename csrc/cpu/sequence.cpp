@@ -1,4 +1,4 @@
-// Segmented sequence ops (SPEC 2, 3, 5, 6) on CPU: O(N), OpenMP over segments, double accumulation.
+// Segmented sequence ops (method §2, 3, 5, 6) on CPU: O(N), OpenMP over segments, double accumulation.
 #include <omp.h>
 
 #include <algorithm>

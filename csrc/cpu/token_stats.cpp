@@ -1,4 +1,4 @@
-// Token statistics over the vocabulary (SPEC 1) on CPU: one read of the logits per row in the forward,
+// Token statistics over the vocabulary (method §1) on CPU: one read of the logits per row in the forward,
 // one read + one write in the backward; OpenMP over rows, and over vocabulary splits when rows are few.
 #include <omp.h>
 

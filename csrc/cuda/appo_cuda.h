@@ -25,7 +25,7 @@ enum { APPO_CUDA_F32 = 0, APPO_CUDA_BF16 = 1, APPO_CUDA_F16 = 2 };
 enum { APPO_CUDA_MAX_TOPK = 64 };
 #define APPO_CUDA_MAX_VOCAB (INT64_C(1) << 30)
 
-// Token statistics forward (SPEC 1). logits: n rows of `vocab` contiguous elements, row i at
+// Token statistics forward (method §1). logits: n rows of `vocab` contiguous elements, row i at
 // logits + i * stride_row (elements); s = logits * inv_temperature. Float32 outputs [n]: logp, entropy
 // (exact, or top-k truncated when entropy_topk != 0), lse; topk_ids int64 [n, topk] / topk_logp [n, topk]
 // (may be NULL when topk == 0); topk_set int64 [n, topk + 1] and c [n], written only when entropy_topk
@@ -49,7 +49,7 @@ int appo_token_stats_bwd_cuda(const void* logits, int dtype, int64_t n, int64_t 
 int appo_reverse_scan_cuda(const float* x, const int64_t* cu_seqlens, int64_t num_segments, int64_t n,
                            float gamma, float* out, cudaStream_t stream);
 
-// SPEC 3 per segment over `eligible` positions: z-scores (population std, + 1e-6, float64) of entropy and,
+// method §3 per segment over `eligible` positions: z-scores (population std, + 1e-6, float64) of entropy and,
 // when omega != NULL, of omega; score = z_H * z_O (z_H without omega), -inf where not eligible;
 // candidate = eligible && z_H > 0 && (omega == NULL || z_O > 0).
 int appo_branching_score_cuda(const float* entropy, const float* omega, const bool* eligible,

@@ -1,4 +1,4 @@
-// Segmented sequence ops in CUDA: the reverse discounted scan (SPEC 2) and the Branching Score (SPEC 3).
+// Segmented sequence ops in CUDA: the reverse discounted scan (method §2) and the Branching Score (method §3).
 //
 // Both run one 256-thread block per segment [cu[b], cu[b + 1]) and accumulate in float64.
 // reverse_scan walks the segment from its end in tiles of 1024 positions (4 consecutive per thread): each

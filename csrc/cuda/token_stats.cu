@@ -1,4 +1,4 @@
-// Token statistics over the vocabulary (SPEC 1) in CUDA: forward and fused backward.
+// Token statistics over the vocabulary (method §1) in CUDA: forward and fused backward.
 //
 // Forward: one 256-thread block per row (or, when rows are few, `splits` blocks per row whose partials a
 // second small kernel merges). Each thread streams 16-byte vectors of the row with an online max / sum of

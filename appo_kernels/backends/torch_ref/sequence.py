@@ -57,7 +57,7 @@ def _non_finite_suffix(x: Tensor, layout) -> Tensor:
 
 
 def reverse_discounted_scan(x: Tensor, layout, gamma: float) -> Tensor:
-    """F[t] = sum_{k >= t in the same rollout} gamma^(k - t) * x[k] over flat [N] `x` (SPEC 2, 5, 6).
+    """F[t] = sum_{k >= t in the same rollout} gamma^(k - t) * x[k] over flat [N] `x` (method §2, 5, 6).
 
     `layout` is an appo_kernels._layout.SeqLayout; exact, O(N), vectorised. A non-finite x[k] reaches only the
     positions t <= k of its own rollout, as in a sequential scan.
@@ -101,7 +101,7 @@ def segment_zscore(x: Tensor, include: Tensor, seg: Tensor, num_segments: int, e
 
 
 def branching_score(entropy: Tensor, omega, eligible: Tensor, layout):
-    """SPEC 3: score = Z(H) * Z(omega) (or Z(H) without omega) and candidate, over flat [N] vectors."""
+    """method §3: score = Z(H) * Z(omega) (or Z(H) without omega) and candidate, over flat [N] vectors."""
     seg, num_segments = layout.seg, layout.num_rollouts
     z_h = segment_zscore(entropy, eligible, seg, num_segments)
     if omega is None:

@@ -150,7 +150,7 @@ def finalize(p: Partial, tokens: Tensor, valid: Tensor, vocab: int, entropy_topk
 def grad_tile_(s: Tensor, grad: Tensor, v0: int, tokens: Tensor, valid: Tensor, lse: Tensor, entropy: Tensor,
                topk_set: Tensor, c: Tensor, g_logp: Tensor, g_entropy: Tensor, temperature: float,
                entropy_topk: bool) -> Tensor:
-    """Write d loss / d logits of one tile of scaled logits `s` [n, v] into `grad` (SPEC 1 gradients).
+    """Write d loss / d logits of one tile of scaled logits `s` [n, v] into `grad` (method §1 gradients).
 
     With lp = s - lse and p = exp(lp):
       exact entropy:  grad = -(p * g_logp + p * (lp + H) * g_H) + g_logp * 1[v = token]

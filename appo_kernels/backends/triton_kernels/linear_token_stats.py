@@ -1,4 +1,4 @@
-"""Token statistics of a fused linear head as Triton kernels (SPEC section 1, `linear_token_stats`).
+"""Token statistics of a fused linear head as Triton kernels (method §1, `linear_token_stats`).
 
 Same signatures and semantics as `torch_ref/vocab.py`'s `linear_token_stats_forward/backward`: hidden [N, H],
 weight [V, H], bias [V] | None (float32/bfloat16/float16), int tokens [N]; the scaled logits

@@ -1,5 +1,5 @@
-"""Segmented sequence kernels in Triton: the reverse discounted scan (SPEC 2, 5, 6) and the branching score
-(SPEC 3), over flat `[N]` vectors packed by `layout.cu_seqlens` (see appo_kernels._layout).
+"""Segmented sequence kernels in Triton: the reverse discounted scan (method §2, 5, 6) and the branching score
+(method §3), over flat `[N]` vectors packed by `layout.cu_seqlens` (see appo_kernels._layout).
 
 One program per rollout (segment). Both kernels compute in float64 whatever the input dtype (float32 or
 float64) and round once at the store, so they agree with the torch reference (which is exact, or float64)
@@ -102,7 +102,7 @@ def _segment_moments(x_ptr, elig_ptr, start, end, idx, BLOCK: tl.constexpr):
 @triton.jit
 def _branching_score_kernel(h_ptr, o_ptr, elig_ptr, cu_ptr, score_ptr, cand_ptr, N,
                             HAS_OMEGA: tl.constexpr, BLOCK: tl.constexpr):
-    """SPEC 3 for one segment: z-scores over its eligible positions, score = z_H * z_O (or z_H), -inf where
+    """method §3 for one segment: z-scores over its eligible positions, score = z_H * z_O (or z_H), -inf where
     not eligible; candidate = eligible & z_H > 0 (& z_O > 0)."""
     seg = tl.program_id(0)
     start, end = _segment_bounds(cu_ptr, seg, N)
@@ -162,7 +162,7 @@ def reverse_discounted_scan(x: Tensor, layout, gamma: float) -> Tensor:
 
 
 def branching_score(entropy: Tensor, omega: Tensor | None, eligible: Tensor, layout) -> tuple[Tensor, Tensor]:
-    """SPEC 3 over flat [N] vectors: (score in entropy's dtype with -inf where not eligible, candidate bool)."""
+    """method §3 over flat [N] vectors: (score in entropy's dtype with -inf where not eligible, candidate bool)."""
     entropy = entropy.contiguous()
     omega = None if omega is None else omega.to(entropy.dtype).contiguous()
     elig = eligible.contiguous().view(torch.uint8) if eligible.dtype == torch.bool else (eligible != 0).to(torch.uint8)

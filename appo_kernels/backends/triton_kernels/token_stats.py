@@ -1,4 +1,4 @@
-"""Token statistics over the vocabulary as Triton kernels (SPEC section 1).
+"""Token statistics over the vocabulary as Triton kernels (method §1).
 
 Same Python-side interface and semantics as `native.token_stats_forward/backward` and the torch reference
 (`torch_ref/vocab.py`): logits [N, V] float32/bfloat16/float16 whose last dimension is contiguous (other
