@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from ._layout import per_token, seq_layout
-from ._validation import require_int, require_int_arg, require_shape, require_same_device, value_checks_enabled
+from ._validation import (require_choice, require_float, require_int, require_int_arg, require_same_device,
+                          require_shape, value_checks_enabled)
 
 
 class BranchPoints(NamedTuple):
@@ -124,3 +125,130 @@ def select_branch_points(score: Tensor, candidate: Tensor, group_ids: Tensor, nu
     idx = chosen.gather(1, slot)
     return BranchPoints(rollout=seg_x[idx], position=pos_x[idx], score=score_x[idx], candidate=cand_x[idx],
                         valid=idx < n)
+
+
+FORK_MODES = ("resample", "topk")
+TOPK_CHOICES = ("best", "sample")
+
+
+class ForkRequest(NamedTuple):
+    """One branch to generate, as Python values (`ForkRequests.tolist`).
+
+    The branch is the parent's tokens `0 .. position - 1`, then `token` at `position`, then a continuation
+    sampled from `position + 1`; `split` is the last position it shares with the parent."""
+    group: int
+    slot: int
+    rollout: int
+    position: int
+    token: int
+    split: int
+    score: float
+
+
+class ForkRequests(NamedTuple):
+    """The branches to generate for chosen branch points, `[G, num_branches]` each (as `BranchPoints`).
+
+    rollout   int64  the parent rollout (row of the per-token inputs, or packed sequence)
+    position  int64  t, the chosen branch point
+    token     int64  the branch's token at t: the parent's own (mode "resample") or an alternative from the
+                     top-k at t (mode "topk")
+    split     int64  the last position the branch shares with its parent: t ("resample") or t - 1 ("topk";
+                     -1 when t is the first position of the sequence)
+    score     float  the Branching Score at t
+    valid     bool   as in `BranchPoints`; where False the other fields are -1 (score -inf)
+    """
+    rollout: Tensor
+    position: Tensor
+    token: Tensor
+    split: Tensor
+    score: Tensor
+    valid: Tensor
+
+    def tolist(self) -> list[ForkRequest]:
+        """The valid requests as Python values, group by group in slot order, in one device-to-host copy."""
+        ints = torch.stack([self.rollout, self.position, self.token, self.split], -1).to(torch.float64)
+        table = torch.cat([ints, self.score.to(torch.float64)[..., None],
+                           self.valid.to(torch.float64)[..., None]], -1).cpu().tolist()
+        return [ForkRequest(g, j, int(r), int(p), int(tok), int(s), score)
+                for g, row in enumerate(table) for j, (r, p, tok, s, score, ok) in enumerate(row) if ok]
+
+
+def fork_requests(branch_points: BranchPoints, tokens: Tensor, *, mode: str = "resample",
+                  topk_ids: Optional[Tensor] = None, topk_logp: Optional[Tensor] = None, choice: str = "best",
+                  generator: Optional[torch.Generator] = None,
+                  cu_seqlens: Optional[Tensor] = None) -> ForkRequests:
+    """The branches to generate at `branch_points` (SPEC 4): for each chosen token t of a parent rollout,
+    the branch's prefix and the token it places at t, on the device without a host sync (beyond the value
+    checks, which `set_value_checks(False)` turns off); `ForkRequests.tolist()` then makes the one copy a
+    rollout loop needs.
+
+    - mode "resample": the branch keeps the parent's tokens 0..t (its token at t is the parent's own) and
+      samples from t + 1; split = t.
+    - mode "topk" (contrastive branch): the branch keeps tokens 0..t-1 and replaces the parent's token a_t by
+      an alternative from `topk_ids[t]`, then samples from t + 1; split = t - 1. Parent and branch differ
+      exactly at the scored decision. `choice="best"`: the most likely top-k token other than a_t (the same
+      token for every branch at t); `choice="sample"`: one drawn from the top-k probabilities
+      (`topk_logp`) renormalised without a_t, with `generator`. The substituted token was not sampled
+      from the policy: whether it is trained is the caller's choice.
+
+    Args:
+        branch_points: from `select_branch_points`, over the rollouts of `tokens`.
+        tokens: integer `[R, T]` (padded) or `[N]` with `cu_seqlens` (packed): the parents' tokens.
+        topk_ids: integer `[R, T, k]` / `[N, k]` with k >= 2, most likely first (`branching_score(...,
+            topk=k).topk_ids`); mode "topk" only.
+        topk_logp: float, same shape, their log-probabilities; `choice="sample"` only.
+        generator: the random stream of `choice="sample"` (None: torch's global one); `[G, num_branches]`
+            uniforms are drawn, whatever the number of valid points.
+
+    Returns:
+        ForkRequests, each `[G, num_branches]`.
+    """
+    if not isinstance(branch_points, BranchPoints):
+        raise TypeError(f"branch_points: expected the BranchPoints of select_branch_points, got "
+                        f"{type(branch_points).__name__}")
+    mode = require_choice("mode", mode, FORK_MODES)
+    choice = require_choice("choice", choice, TOPK_CHOICES)
+    lay = seq_layout("tokens", tokens, cu_seqlens)
+    flat_tokens = require_int("tokens", tokens).reshape(-1)
+    bp = branch_points
+    require_same_device(tokens=tokens, branch_points=bp.rollout)
+    valid = bp.valid
+    if value_checks_enabled() and bool(valid.any()):
+        lengths = lay.cu_seqlens[1:] - lay.cu_seqlens[:-1]
+        r, t = bp.rollout[valid], bp.position[valid]
+        if int(r.min()) < 0 or int(r.max()) >= lay.num_rollouts:
+            raise ValueError(f"branch_points: rollout index outside the {lay.num_rollouts} rollouts of tokens")
+        if bool(((t < 0) | (t >= lengths[r])).any()):
+            raise ValueError("branch_points: position outside its rollout in tokens")
+    index = torch.where(valid, lay.cu_seqlens[bp.rollout.clamp(min=0)] + bp.position, 0)   # flat, [G, B]
+    none = torch.full_like(bp.rollout, -1)
+    if mode == "resample":
+        token, split = flat_tokens[index], bp.position
+    else:
+        if topk_ids is None:
+            raise TypeError("topk_ids: expected an integer tensor for mode='topk' (branching_score(..., topk=k)), "
+                            "got None")
+        ids = require_int("topk_ids", topk_ids)
+        k = ids.shape[-1] if ids.dim() == len(lay.shape) + 1 else 0
+        require_shape("topk_ids", ids, (*lay.shape, k), "the per-token shape + [k]")
+        if k < 2:
+            raise ValueError(f"topk_ids: expected k >= 2 (an alternative to the parent's token), got k = {k}")
+        require_same_device(tokens=tokens, topk_ids=ids)
+        ids = ids.reshape(-1, k)[index]                                             # [G, B, k]
+        other = ids != flat_tokens[index][..., None]
+        if choice == "best":
+            pick = torch.argmax(other.to(torch.int8), dim=-1)                       # first, i.e. most likely
+        else:
+            if topk_logp is None:
+                raise TypeError("topk_logp: expected a float tensor for choice='sample', got None")
+            require_float("topk_logp", topk_logp)
+            require_shape("topk_logp", topk_logp, tuple(topk_ids.shape), "the shape of topk_ids")
+            require_same_device(tokens=tokens, topk_logp=topk_logp)
+            lp = topk_logp.reshape(-1, k)[index].to(torch.float64)
+            weight = torch.where(other, torch.exp(lp - lp.amax(-1, keepdim=True)), 0.0)
+            cdf = weight.cumsum(-1)
+            u = torch.rand(cdf.shape[:-1], generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[..., -1]
+            pick = torch.searchsorted(cdf, u[..., None], right=True).clamp(max=k - 1)[..., 0]
+        token, split = ids.gather(-1, pick[..., None])[..., 0], bp.position - 1
+    return ForkRequests(rollout=bp.rollout, position=bp.position, token=torch.where(valid, token, none),
+                        split=torch.where(valid, split, none), score=bp.score, valid=valid)
