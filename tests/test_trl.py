@@ -119,12 +119,9 @@ def test_branches_fork_from_their_parents_and_get_procedure_advantages(model_dir
     assert forked and varied, "no branch was forked or no advantage varied along a rollout: the test checks nothing"
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_appo_loss_is_the_oracle_on_the_advantages_it_received(model_dir, tmp_path, accumulation):
-    # num_iterations=2: the second pass over a batch sees ratios != 1, so clipping and future-KL weights act.
-    # accumulation=2: one generation batch of 16 rows feeds two micro-batches per optimizer step.
-    trainer = train(model_dir, tmp_path, num_iterations=2, beta=0.05, gradient_accumulation_steps=accumulation)
-    assert len(trainer.losses) == 2 * accumulation
+def check_losses(trainer, accumulation=1, kl_coef=0.05) -> list[tuple[float, int]]:
+    """Each loss TRL back-propagated equals the oracle's SPEC 6-7 loss on the Recorder's independent log-probs
+    (future-KL weighting, dual clip, k3 KL); returns (loss, loss tokens) per micro-batch."""
     per_pass = []
     for loss, logp, inputs in trainer.losses:
         mask = (inputs["completion_mask"] * inputs["tool_mask"]).bool()
@@ -135,11 +132,22 @@ def test_appo_loss_is_the_oracle_on_the_advantages_it_received(model_dir, tmp_pa
         # TRL's "dapo" normaliser: the generation batch's loss tokens per accumulation step
         count = float(inputs["num_items_in_batch"]) * accumulation / trainer.args.steps_per_generation
         expected = oracle.policy_loss(logp.tolist(), old.tolist(), weighted, rows,
-                                      logp_ref=inputs["ref_per_token_logps"].double().tolist(), kl_coef=0.05,
+                                      logp_ref=inputs["ref_per_token_logps"].double().tolist(), kl_coef=kl_coef,
                                       token_count=count)["loss"]
         assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
         per_pass.append((loss.item(), int(mask.sum())))
+    # the last pass re-reads its batch after an update: ratios differ from 1, so clipping and weights act
     assert not torch.equal(trainer.losses[-1][1], trainer.losses[-1][2]["old_per_token_logps"].double())
+    return per_pass
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_appo_loss_is_the_oracle_on_the_advantages_it_received(model_dir, tmp_path, accumulation):
+    # num_iterations=2: the second pass over a batch sees ratios != 1, so clipping and future-KL weights act.
+    # accumulation=2: one generation batch of 16 rows feeds two micro-batches per optimizer step.
+    trainer = train(model_dir, tmp_path, num_iterations=2, beta=0.05, gradient_accumulation_steps=accumulation)
+    assert len(trainer.losses) == 2 * accumulation
+    per_pass = check_losses(trainer, accumulation)
     if accumulation == 2:       # the micro-batches of one pass add up to a token mean over the generation batch
         assert per_pass[0][1] + per_pass[1][1] == int(trainer.losses[0][2]["num_items_in_batch"])
 
@@ -237,10 +245,19 @@ def test_trainer_errors(model_dir, tmp_path):
     with pytest.raises(ValueError, match="rollout_func: APPOTrainer generates through its own rollout hook"):
         APPOTrainer(model=model_dir, reward_funcs=a_fraction, train_dataset=ds, rollout_func=lambda p, t: {})
     # the tiny model's tokenizer has no chat template: TRL's own check ("does not support tool calling") would
-    # answer first if APPOTrainer did not check before calling GRPOTrainer.__init__
-    with pytest.raises(NotImplementedError, match="tools / environment_factory"):
-        APPOTrainer(model_dir, a_fraction, None, ds, tools=[a_fraction])
-    with pytest.raises(NotImplementedError, match="tools / environment_factory"):
+    # answer first if APPOTrainer did not check its tools before calling GRPOTrainer.__init__
+
+    async def lookup(key: str) -> str:
+        """Look a key up.
+
+        Args:
+            key: The key.
+        """
+        return key
+
+    with pytest.raises(NotImplementedError, match="tools: lookup is async"):      # tools passed positionally
+        APPOTrainer(model_dir, a_fraction, None, ds, None, None, None, None, (None, None), None, None, [lookup])
+    with pytest.raises(NotImplementedError, match="environment_factory: APPOTrainer runs the tool loop"):
         APPOTrainer(model=model_dir, reward_funcs=a_fraction, train_dataset=ds, environment_factory=object)
     with pytest.raises(TypeError, match="args: expected an APPOConfig, got GRPOConfig"):
         APPOTrainer(model=model_dir, reward_funcs=a_fraction, train_dataset=ds,

@@ -31,7 +31,8 @@ def test_an_untested_version_fails_naming_the_tested_releases(monkeypatch):
 
 
 @pytest.mark.parametrize("hook", ["_calculate_rewards", "_generate_and_score_completions", "_compute_loss",
-                                  "_tokenize_prompts", "_generate_single_turn", "_get_per_token_logps_and_entropies"])
+                                  "_tool_call_loop", "_tokenize_prompts", "_generate_single_turn",
+                                  "_get_per_token_logps_and_entropies", "_get_tool_suffix_ids"])
 def test_a_missing_hook_fails(monkeypatch, hook):
     monkeypatch.delattr(trl.GRPOTrainer, hook)
     _check_fails(rf"GRPOTrainer\.{hook} is missing")
@@ -64,6 +65,9 @@ def test_a_called_hook_must_keep_its_leading_parameters(monkeypatch):
                  r"sampling_params\) is not")
     monkeypatch.setattr(trl.GRPOTrainer, "_generate_single_turn", new_optional)   # still called the same way
     check_trl(trl)
+    import trl.chat_template_utils as templates
+    monkeypatch.setattr(templates, "parse_response", lambda tokenizer, ids, tools=None: None)
+    _check_fails(r"chat_template_utils\.parse_response\(tokenizer, ids, tools\) is not \(tokenizer, ids, prefix, tools")
 
 
 def test_a_missing_init_keyword_or_config_field_fails(monkeypatch):
@@ -84,13 +88,14 @@ def test_every_problem_is_named_in_one_message(monkeypatch):
     monkeypatch.delattr(trl.GRPOTrainer, "_tokenize_prompts")
     monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", lambda self, inputs, mode: None)
     message = _check_fails("version 2.0.0")
-    assert "_tokenize_prompts is missing" in message and "_generate_and_score_completions(self, inputs, mode)" in message
+    assert "_tokenize_prompts is missing" in message
+    assert "_generate_and_score_completions(self, inputs, mode)" in message
 
 
 def test_trainer_attributes_are_checked_on_construction():
     complete = dict(_metrics={"train": {}, "eval": {}}, _logs={"advantages": []}, _tokenizer=None, tools=None,
                     environment_factories=None, eos_token_ids=[1], ref_model=None, reward_weights=None,
-                    num_generations_eval=4)
+                    num_generations_eval=4, max_tool_calling_iterations=2)
     _check_attributes(types.SimpleNamespace(**complete))
     missing = {k: v for k, v in complete.items() if k != "_tokenizer"}
     with pytest.raises(RuntimeError, match=TESTED + r".*GRPOTrainer\.__init__ sets no `_tokenizer`"):

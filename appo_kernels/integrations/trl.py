@@ -22,11 +22,17 @@ What changes against GRPO (see docs/trl.md):
   normalised like TRL's "dapo" (token mean over the whole generation batch). With `appo_loss=False`, TRL's
   own `loss_type` consumes the per-token advantages instead.
 
-Not supported (a clear error, not a silent fallback): TRL tools / environments (its tool loop runs after the
-rollout hook, so forks would only fall in the first turn), multimodal prompts, a user `rollout_func`,
-`scale_rewards="batch"`, `multi_objective_aggregation="normalize_then_sum"`, a completion for which every reward
-function returns None (None from only some of them adds 0, as in TRL), and, with `appo_loss=True`, the GRPO loss options it does not implement (sequence-level importance sampling,
-entropy masks / bonuses, off-policy masks, two-sided `delta` clipping).
+With TRL's `tools=`, the rollout hook runs the whole tool loop itself (generate a turn, parse its tool calls,
+run them, append the results, continue) for initial rollouts and branches, so forks can fall in any turn;
+tool-result tokens are context only (no score, no fork, no loss), a branch reuses its prefix's tool results, and
+TRL's own tool pass is replaced by the hook's results (`_tool_call_loop`).
+
+Not supported (a clear error, not a silent fallback): TRL environments (`environment_factory`), async tools,
+multimodal prompts or tool results, a user `rollout_func`, `scale_rewards="batch"`,
+`multi_objective_aggregation="normalize_then_sum"`, a completion for which every reward function returns None
+(None from only some of them adds 0, as in TRL), and, with `appo_loss=True`, the GRPO loss options it does not
+implement (sequence-level importance sampling, entropy masks / bonuses, off-policy masks, two-sided `delta`
+clipping).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import dataclasses
 import importlib
 import inspect
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -47,13 +54,20 @@ from .. import (branching_score, future_kl_weights, policy_loss, procedure_advan
 TESTED_TRL = ">=1.16,<1.17"
 TESTED_TRL_RELEASES = ("1.16.0",)
 # Overridden: TRL calls them with exactly these parameters.
-_OVERRIDDEN = {"_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
-               "_generate_and_score_completions": ("self", "inputs"),
-               "_compute_loss": ("self", "model", "inputs")}
-# Called: the adapter passes these leading parameters positionally; any later ones must have defaults.
-_CALLED = {"_tokenize_prompts": ("self", "prompts"),
-           "_generate_single_turn": ("self", "prompt_ids", "images", "multimodal_fields", "num_generations"),
-           "_get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask", "logits_to_keep")}
+_OVERRIDDEN = {
+    "GRPOTrainer._calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    "GRPOTrainer._generate_and_score_completions": ("self", "inputs"),
+    "GRPOTrainer._compute_loss": ("self", "model", "inputs"),
+    "GRPOTrainer._tool_call_loop": ("self", "prompts", "prompt_ids", "completion_ids", "completions", "logprobs",
+                                    "images", "multimodal_fields")}
+# Called: the adapter passes these leading parameters; any later ones must have defaults.
+_CALLED = {
+    "GRPOTrainer._tokenize_prompts": ("self", "prompts"),
+    "GRPOTrainer._generate_single_turn": ("self", "prompt_ids", "images", "multimodal_fields", "num_generations"),
+    "GRPOTrainer._get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask",
+                                                       "logits_to_keep"),
+    "GRPOTrainer._get_tool_suffix_ids": ("self", "tool_messages"),
+    "chat_template_utils.parse_response": ("tokenizer", "ids", "prefix", "tools")}
 _INIT_KEYWORDS = ("rollout_func", "tools", "environment_factory")
 # GRPOConfig fields APPOConfig reads or re-defaults (a re-default of a field TRL dropped would be a dead setting).
 _CONFIG_FIELDS = ("num_generations", "per_device_train_batch_size", "steps_per_generation", "use_vllm", "beta",
@@ -62,7 +76,7 @@ _CONFIG_FIELDS = ("num_generations", "per_device_train_batch_size", "steps_per_g
                   "delta")
 # Set by GRPOTrainer.__init__ and read by the adapter: checked when an APPOTrainer is built.
 _ATTRIBUTES = ("_metrics", "_logs", "_tokenizer", "tools", "environment_factories", "eos_token_ids", "ref_model",
-               "reward_weights", "num_generations_eval")
+               "reward_weights", "num_generations_eval", "max_tool_calling_iterations")
 INSTALL_HINT = (f"in a clone of the appo_kernels repository, pip install \".[trl]\" (or pip install "
                 f"\"trl{TESTED_TRL}\"); see docs/trl.md")
 
@@ -81,11 +95,11 @@ def check_trl(trl) -> None:
     problems = []
     if trl.__version__ not in SpecifierSet(TESTED_TRL, prereleases=True):
         problems.append(f"version {trl.__version__} is outside {TESTED_TRL}")
-    trainer = trl.GRPOTrainer
     for name, expected in (_OVERRIDDEN | _CALLED).items():
-        fn = getattr(trainer, name, None)
+        owner, attr = name.rsplit(".", 1)
+        fn = getattr(trl.GRPOTrainer if owner == "GRPOTrainer" else importlib.import_module(f"trl.{owner}"), attr, None)
         if not callable(fn):
-            problems.append(f"GRPOTrainer.{name} is missing")
+            problems.append(f"{name} is missing")
             continue
         params = inspect.signature(fn).parameters
         names = tuple(params)
@@ -96,9 +110,9 @@ def check_trl(trl) -> None:
                 p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
                 for p in list(params.values())[len(expected):])
         if not fits:
-            problems.append(f"GRPOTrainer.{name}({', '.join(names)}) is not ({', '.join(expected)}"
+            problems.append(f"{name}({', '.join(names)}) is not ({', '.join(expected)}"
                             f"{'' if name in _OVERRIDDEN else ', <optional ...>'})")
-    init = inspect.signature(trainer.__init__).parameters
+    init = inspect.signature(trl.GRPOTrainer.__init__).parameters
     problems += [f"GRPOTrainer.__init__ has no `{k}` parameter" for k in _INIT_KEYWORDS if k not in init]
     fields = {f.name for f in dataclasses.fields(trl.GRPOConfig)}
     problems += [f"GRPOConfig has no field `{k}`" for k in _CONFIG_FIELDS if k not in fields]
@@ -126,6 +140,7 @@ def _import_trl():
 
 
 _trl = _import_trl()
+_parse_response = importlib.import_module("trl.chat_template_utils").parse_response
 
 OMEGA_SOURCES = ("prev_policy", "reference", "behavior", "none")
 
@@ -220,6 +235,37 @@ def _pad_rows(rows: list[list], value) -> Tensor:
     return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows])
 
 
+class _Turn(NamedTuple):
+    start: int          # where an assistant turn starts in the completion
+    messages: int       # completion messages before it
+    calls: int          # tool calls before it
+    failures: int       # failed tool calls before it
+
+
+@dataclass
+class _Rollout:
+    """A completion being built: its token ids, which of them the policy sampled (1) and which a tool returned
+    (0), the sampler's log-probs (None when the backend returns none; 0 on tool tokens), TRL's completion
+    messages (assistant turns and tool results) and where each assistant turn starts."""
+    ids: list[int] = field(default_factory=list)
+    model: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+    turns: list[_Turn] = field(default_factory=lambda: [_Turn(0, 0, 0, 0)])
+
+    def extend(self, ids: list[int], model: int, logprobs: list[float] | None) -> None:
+        self.ids += ids
+        self.model += [model] * len(ids)
+        self.logprobs = None if logprobs is None or self.logprobs is None else self.logprobs + list(logprobs)
+
+    def head(self, t: int) -> _Rollout:
+        """A branch's start: tokens 0..t, earlier tool results included (reused, not run again), and the turns
+        before the one that holds t (which the branch finishes)."""
+        turns = [turn for turn in self.turns if turn.start <= t]
+        return _Rollout(self.ids[:t + 1], self.model[:t + 1], None if self.logprobs is None else self.logprobs[:t + 1],
+                        self.messages[:turns[-1].messages], turns)
+
+
 def _num_groups(prompts: list, group_size: int) -> int:
     """Rows come as blocks of `group_size` copies of one prompt (TRL's RepeatSampler); APPO forks within a
     block, so each block must be whole on this process."""
@@ -244,10 +290,14 @@ class APPOTrainer(_trl.GRPOTrainer):
             raise ValueError("rollout_func: APPOTrainer generates through its own rollout hook (initial rollouts, "
                              "then branches); it cannot take another one")
         given = inspect.signature(_trl.GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *pos, **kwargs)
-        if given.arguments.get("tools") or given.arguments.get("environment_factory") is not None:
-            # before GRPOTrainer's own checks of the tools (chat template, transformers version)
-            raise NotImplementedError("tools / environment_factory: TRL runs its tool loop after the rollout hook, "
-                                      "so APPO's forks would only fall in the first turn; not supported")
+        # before GRPOTrainer's own checks of the tools (chat template, transformers version)
+        if given.arguments.get("environment_factory") is not None:
+            raise NotImplementedError("environment_factory: APPOTrainer runs the tool loop inside its rollout hook "
+                                      "for plain tools= only; TRL's environments are not supported")
+        for tool in given.arguments.get("tools") or []:
+            if inspect.iscoroutinefunction(tool):
+                raise NotImplementedError(f"tools: {tool.__name__} is async; APPOTrainer's tool loop runs "
+                                          f"synchronous tools only")
         args = APPOConfig() if args is None else args
         if not isinstance(args, APPOConfig):
             raise TypeError(f"args: expected an APPOConfig, got {type(args).__name__}")
@@ -264,6 +314,8 @@ class APPOTrainer(_trl.GRPOTrainer):
             raise ValueError("appo_omega_source: 'reference' needs a separate reference model (PEFT adapters "
                              "share weights with the policy); use 'prev_policy'")
         self.rollout_func = self.appo_rollout       # TRL's rollout hook; set here to skip its experimental warning
+        self._appo_tools = {tool.__name__: tool for tool in self.tools}
+        self._appo_rollouts = None                  # the hook's rollouts, for `_tool_call_loop`
         self._prev_policy = None
         self._rewards_per_func = None
 
@@ -273,31 +325,34 @@ class APPOTrainer(_trl.GRPOTrainer):
 
     def appo_rollout(self, prompts: list, trainer=None) -> dict:
         """TRL's `rollout_func(prompts, trainer)`: one completion per row of `prompts` (blocks of
-        `num_generations` copies of a prompt), returned as token-id lists with the APPO tree as extra fields."""
+        `num_generations` copies of a prompt), returned as token-id lists with the APPO tree as extra fields.
+        With `tools`, every rollout runs the whole tool loop here (`_roll`), so forks can fall in any turn."""
         prompt_ids, images, multimodal = self._tokenize_prompts(prompts)
         if images is not None or multimodal:
             raise NotImplementedError("prompts: multimodal prompts are not supported by APPOTrainer")
+        if self.tools and not _trl.is_conversational({"prompt": prompts[0]}):
+            raise ValueError("prompts: with tools, APPOTrainer needs conversational prompts (lists of messages), "
+                             "whose chat template renders the tools and parses the tool calls")
         prompt_ids = [list(p) for p in prompt_ids]
         rows = len(prompt_ids)
+        parent, split, strength = [-1] * rows, [0] * rows, [0.0] * rows
         if not self.model.training:                 # evaluation: plain sampling, every rollout initial
-            completions, logprobs = self._generate_single_turn(prompt_ids, None, {}, self.num_generations_eval)
-            return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": logprobs,
-                    "appo_parent": [-1] * rows, "appo_split": [0] * rows, "appo_branch_score": [0.0] * rows}
+            done = self._roll(prompt_ids, [_Rollout() for _ in range(rows)], self.num_generations_eval)
+            return self._rollout_output(prompt_ids, done, parent, split, strength)
 
         size, n_init = self.num_generations, self.args.num_initial
         groups = _num_groups(prompts, size)
         initial = [g * size + j for g in range(groups) for j in range(n_init)]
-        init_comp, init_lp = self._generate_single_turn([prompt_ids[r] for r in initial], None, {}, 1)
-        score, candidate = self._score_initial([prompt_ids[r] for r in initial], init_comp, init_lp)
+        init = self._roll([prompt_ids[r] for r in initial], [_Rollout() for _ in initial], 1)
+        score, candidate = self._score_initial([prompt_ids[r] for r in initial], init)
         group = torch.arange(len(initial)) // n_init
         bp = select_branch_points(score, candidate, group, size - n_init, num_groups=groups,
                                   max_len=self.max_completion_length)
 
-        parent, split, strength = [-1] * rows, [0] * rows, [0.0] * rows
-        completions, logprobs = [None] * rows, [None] * rows
+        done = [None] * rows
         for k, r in enumerate(initial):
-            completions[r], logprobs[r] = init_comp[k], None if init_lp is None else init_lp[k]
-        slots, prefixes, branch_prompts = [], [], []
+            done[r] = init[k]
+        slots, heads = [], []
         for g in range(groups):
             for j in range(size - n_init):
                 r = g * size + n_init + j
@@ -305,24 +360,90 @@ class APPOTrainer(_trl.GRPOTrainer):
                 if bool(bp.valid[g, j]):
                     k, t = int(bp.rollout[g, j]), int(bp.position[g, j])
                     parent[r], split[r], strength[r] = initial[k], t, float(bp.score[g, j])
-                    prefixes.append(k)
-                    branch_prompts.append(prompt_ids[r] + init_comp[k][:t + 1])
+                    heads.append(init[k].head(t))
                 else:                               # no usable fork point in this group: a fresh rollout
-                    prefixes.append(None)
-                    branch_prompts.append(prompt_ids[r])
-        cont, cont_lp = self._generate_single_turn(branch_prompts, None, {}, 1)
-        for n, r in enumerate(slots):
-            k = prefixes[n]
-            head = [] if k is None else init_comp[k][:split[r] + 1]
-            keep = self.max_completion_length - len(head)   # the first `keep` samples are what max_len would give
-            completions[r] = head + list(cont[n][:keep])
-            if cont_lp is not None:
-                lp_head = [] if k is None else init_lp[k][:split[r] + 1]
-                logprobs[r] = lp_head + list(cont_lp[n][:keep])
+                    heads.append(_Rollout())
+        for r, rollout in zip(slots, self._roll([prompt_ids[r] for r in slots], heads, 1)):
+            done[r] = rollout
         self._log_rollout_metrics(bp)
-        return {"prompt_ids": prompt_ids, "completion_ids": completions,
-                "logprobs": None if init_lp is None else logprobs,
+        return self._rollout_output(prompt_ids, done, parent, split, strength)
+
+    def _rollout_output(self, prompt_ids, done: list[_Rollout], parent, split, strength) -> dict:
+        if self.tools:                              # handed to `_tool_call_loop`, which TRL calls next
+            self._appo_rollouts = done
+        return {"prompt_ids": prompt_ids, "completion_ids": [r.ids for r in done],
+                "logprobs": None if done[0].logprobs is None else [r.logprobs for r in done],
                 "appo_parent": parent, "appo_split": split, "appo_branch_score": strength}
+
+    def _roll(self, prompt_ids: list[list[int]], rollouts: list[_Rollout], num_generations: int) -> list[_Rollout]:
+        """Continue each rollout (empty, or a branch's head) to its end with TRL's generation backend: with
+        `tools`, turn by turn as TRL's tool loop does (parse the turn with the chat template's response parser,
+        run its tool calls, append the results as tool tokens, generate the next turn), within
+        `max_tool_calling_iterations` tool rounds counted from the start of the completion, so a branch's prefix
+        spends the budget too. `num_generations` is for the first call only (TRL's vLLM server mode groups
+        identical prompts); later turns differ per row."""
+        limit = self.max_completion_length
+        active = [i for i, r in enumerate(rollouts) if len(r.ids) < limit]
+        while active:
+            new_ids, new_logps = self._generate_single_turn([prompt_ids[i] + rollouts[i].ids for i in active],
+                                                            None, {}, num_generations)
+            num_generations, turns = 1, []
+            for n, i in enumerate(active):
+                rollout = rollouts[i]
+                keep = limit - len(rollout.ids)     # the first `keep` samples are what max_len would give
+                rollout.extend(list(new_ids[n][:keep]), 1, None if new_logps is None else new_logps[n][:keep])
+                if self.tools and self._take_turn(prompt_ids[i], rollout):
+                    turns.append(i)
+            active = [i for i in turns if len(rollouts[i].ids) < limit]
+        return rollouts
+
+    def _take_turn(self, prompt_ids: list[int], rollout: _Rollout) -> bool:
+        """Parse the rollout's last assistant turn; if it calls tools within the budget and the results fit, run
+        them and append the results (tool tokens). True when the rollout goes on to another turn."""
+        start = rollout.turns[-1].start
+        message = _parse_response(self._tokenizer, rollout.ids[start:], prefix=prompt_ids + rollout.ids[:start],
+                                  tools=self.tools)
+        rollout.messages.append(message)
+        calls = message.get("tool_calls")
+        if not calls or len(rollout.turns) > self.max_tool_calling_iterations:
+            return False
+        results, failures = [], 0
+        for call in calls:                          # as TRL's `_tool_call_loop` runs them
+            if call["type"] == "function":
+                name = call["function"]["name"]
+                try:
+                    if name not in self._appo_tools:
+                        raise ValueError(f"Tool {name} not found.")
+                    result = self._appo_tools[name](**call["function"]["arguments"])
+                except Exception as err:            # the model's call failed: the model reads the error
+                    failures, result = failures + 1, {"error": str(err)}
+            else:
+                name = call.get("name", "unknown")
+                failures, result = failures + 1, {"error": f"Unsupported tool call type: {call['type']}"}
+            if isinstance(result, list):
+                raise NotImplementedError(f"tools: {name} returned a list of content blocks (a multimodal tool "
+                                          f"result), which APPOTrainer does not support; return a string")
+            results.append({"role": "tool", "name": name, "content": str(result)})
+        suffix = list(self._get_tool_suffix_ids(results))
+        total = len(rollout.ids) + len(suffix)
+        if total > self.max_completion_length or len(prompt_ids) + total >= self.model.config.max_position_embeddings:
+            return False                            # as TRL: results that do not fit end the rollout unrun
+        rollout.extend(suffix, 0, [0.0] * len(suffix))
+        rollout.messages += results
+        previous = rollout.turns[-1]
+        rollout.turns.append(_Turn(len(rollout.ids), len(rollout.messages), previous.calls + len(calls),
+                                   previous.failures + failures))
+        return True
+
+    def _tool_call_loop(self, prompts, prompt_ids, completion_ids, completions, logprobs, images, multimodal_fields):
+        """TRL's tool loop, which it runs after the rollout hook: the hook already ran every tool call (in every
+        turn of initial rollouts and branches), so this hands TRL its results instead of running a second pass."""
+        done, self._appo_rollouts = self._appo_rollouts, None
+        if done is None or [r.ids for r in done] != [list(c) for c in completion_ids]:
+            raise RuntimeError("_tool_call_loop: expected the tool results of APPOTrainer's own rollout hook for "
+                               "these completions")
+        return ([r.model for r in done], [r.messages for r in done], completion_ids, logprobs,
+                sum(r.turns[-1].calls for r in done), sum(r.turns[-1].failures for r in done), [[] for _ in done])
 
     def _completion_logits(self, model, prompt_ids: list[list[int]], tokens: Tensor, lengths: Tensor) -> Tensor:
         """`[R, T, V]` logits that predict each completion token (left-padded prompts, right-padded
@@ -338,22 +459,22 @@ class APPOTrainer(_trl.GRPOTrainer):
         with torch.no_grad(), self.accelerator.autocast():
             return model(input_ids=ids, attention_mask=attention, logits_to_keep=tokens.shape[1] + 1).logits[:, :-1]
 
-    def _score_initial(self, prompt_ids: list[list[int]], completions: list[list[int]],
-                       sampling_logps: list[list[float]] | None) -> tuple[Tensor, Tensor]:
-        """Branching Score and candidates `[R, T]` (CPU) of the initial rollouts, in row chunks of
-        `appo_score_batch_size` (the score is per rollout, so chunking changes nothing)."""
+    def _score_initial(self, prompt_ids: list[list[int]], rollouts: list[_Rollout]) -> tuple[Tensor, Tensor]:
+        """Branching Score and candidates `[R, T]` (CPU) of the initial rollouts over the policy's own tokens
+        (tool results are context, not scored), in row chunks of `appo_score_batch_size` (the score is per
+        rollout, so chunking changes nothing)."""
         source = self.args.appo_omega_source
         policy = self.accelerator.unwrap_model(self.model)
         old_model = {"prev_policy": self._prev_policy, "reference": self.ref_model}.get(source)
-        tokens = _pad_rows(completions, self._tokenizer.pad_token_id)
-        lengths = torch.tensor([len(c) for c in completions])
-        mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+        tokens = _pad_rows([r.ids for r in rollouts], self._tokenizer.pad_token_id)
+        lengths = torch.tensor([len(r.ids) for r in rollouts])
+        mask = _pad_rows([r.model for r in rollouts], 0).bool()
         eligible = mask & ~torch.isin(tokens, torch.tensor(self.eos_token_ids))
-        behavior = None if sampling_logps is None else _pad_rows(sampling_logps, 0.0).float()
+        behavior = None if rollouts[0].logprobs is None else _pad_rows([r.logprobs for r in rollouts], 0.0).float()
         scores, candidates, omega_sum, with_omega = [], [], 0.0, False
         chunk = self.args.appo_score_batch_size or self.args.per_device_train_batch_size
         dev = self.accelerator.device
-        for lo in range(0, len(completions), chunk):
+        for lo in range(0, len(rollouts), chunk):
             sl = slice(lo, lo + chunk)
             logits = self._completion_logits(policy, prompt_ids[sl], tokens[sl], lengths[sl])
             tok, m = tokens[sl].to(dev), mask[sl].to(dev)
