@@ -120,7 +120,7 @@ def test_branches_fork_from_their_parents_and_get_procedure_advantages(model_dir
 
 
 def check_losses(trainer, accumulation=1, kl_coef=0.05) -> list[tuple[float, int]]:
-    """Each loss TRL back-propagated equals the oracle's SPEC 6-7 loss on the Recorder's independent log-probs
+    """Each loss TRL back-propagated equals the oracle's method §6-§7 loss on the Recorder's independent log-probs
     (future-KL weighting, dual clip, k3 KL); returns (loss, loss tokens) per micro-batch."""
     per_pass = []
     for loss, logp, inputs in trainer.losses:

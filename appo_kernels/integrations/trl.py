@@ -6,7 +6,7 @@
                           train_dataset=dataset)
     trainer.train()
 
-What changes against GRPO (see docs/trl.md):
+What changes against GRPO (see docs/trl.md; "method §n" is a section of docs/method.md):
 
 - Rollouts go through TRL's rollout hook (`rollout_func`), driving TRL's own generation backend
   (`transformers.generate` or vLLM): per prompt, `appo_num_initial` initial rollouts are sampled; each is
@@ -17,10 +17,10 @@ What changes against GRPO (see docs/trl.md):
 - Advantages are per token, `[B, T]`, from `appo_kernels.procedure_advantages` (dual-group normalisation,
   prefix credit from the branches that share each token, optional branch-strength scaling); branch rows leave
   the loss unless `appo_train_branches`.
-- The loss (`appo_loss=True`) is SPEC 6-7: future-KL advantage weighting (`appo_kernels.future_kl_weights`)
-  and the clip-higher / dual-clip surrogate with a k3 KL to the reference (`appo_kernels.policy_loss`),
-  normalised like TRL's "dapo" (token mean over the whole generation batch). With `appo_loss=False`, TRL's
-  own `loss_type` consumes the per-token advantages instead.
+- The loss (`appo_loss=True`) is method §6-§7: future-KL advantage weighting
+  (`appo_kernels.future_kl_weights`) and the clip-higher / dual-clip surrogate with a k3 KL to the reference
+  (`appo_kernels.policy_loss`), normalised like TRL's "dapo" (token mean over the whole generation batch). With
+  `appo_loss=False`, TRL's own `loss_type` consumes the per-token advantages instead.
 
 With TRL's `tools=`, the rollout hook runs the whole tool loop itself (generate a turn, parse its tool calls,
 run them, append the results, continue) for initial rollouts and branches, so forks can fall in any turn;
@@ -147,35 +147,35 @@ OMEGA_SOURCES = ("prev_policy", "reference", "behavior", "none")
 
 @dataclass
 class APPOConfig(_trl.GRPOConfig):
-    """`trl.GRPOConfig` plus APPO's settings. Defaults follow SPEC 5-8: half of `num_generations` are initial
-    rollouts, clip-higher `epsilon_high = 0.28`, dual clip c = 3, KL coefficient `beta = 0.001` (TRL then loads a
-    reference model; set `beta=0.0` to skip it)."""
+    """`trl.GRPOConfig` plus APPO's settings. Defaults follow method §5-§8: half of `num_generations` are
+    initial rollouts, clip-higher `epsilon_high = 0.28`, dual clip c = 3, KL coefficient `beta = 0.001` (TRL then
+    loads a reference model; set `beta=0.0` to skip it)."""
 
     appo_num_initial: int | None = field(default=None, metadata={
         "help": "Initial rollouts per prompt; the other num_generations - appo_num_initial are branches. "
                 "None: num_generations // 2."})
     appo_omega_source: str = field(default="prev_policy", metadata={
-        "help": "What logp_old in Omega (SPEC 2) is: 'prev_policy' (a copy of the policy from the previous "
+        "help": "What logp_old in Omega (method §2) is: 'prev_policy' (a copy of the policy from the previous "
                 "generation round, one extra model in memory; entropy-only on the first round), 'reference' "
                 "(TRL's reference model, needs beta > 0), 'behavior' (the sampler's log-probs, needs use_vllm), "
                 "or 'none' (the entropy-only ablation)."})
     appo_branch_strength_scaling: bool = field(default=True, metadata={
-        "help": "Scale advantages before each fork by its Branching Score (SPEC 5, M)."})
+        "help": "Scale advantages before each fork by its Branching Score (method §5, M)."})
     appo_train_branches: bool = field(default=False, metadata={
-        "help": "Train branch continuations with their own group advantage (SPEC 5 option)."})
+        "help": "Train branch continuations with their own group advantage (method §5 option)."})
     appo_loss: bool = field(default=True, metadata={
-        "help": "Use APPO's loss (future-KL weighting + dual clip, SPEC 6-7) instead of TRL's loss_type."})
+        "help": "Use APPO's loss (future-KL weighting + dual clip, method §6-§7) instead of TRL's loss_type."})
     appo_future_kl: bool = field(default=True, metadata={
-        "help": "With appo_loss: weight advantages by the future KL (SPEC 6)."})
+        "help": "With appo_loss: weight advantages by the future KL (method §6)."})
     appo_clip_ratio_c: float = field(default=3.0, metadata={"help": "Dual-clip constant c (> 1)."})
     appo_score_batch_size: int | None = field(default=None, metadata={
         "help": "Rollouts per forward pass when scoring (each pass holds [rows, T, V] logits); None: "
                 "per_device_train_batch_size."})
     appo_backend: str = field(default="auto", metadata={"help": "appo_kernels backend for every op."})
     epsilon_high: float | None = field(default=0.28, metadata={
-        "help": "Upper clip epsilon (clip-higher, SPEC 7)."})
+        "help": "Upper clip epsilon (clip-higher, method §7)."})
     beta: float = field(default=0.001, metadata={
-        "help": "KL(pi || pi_ref) coefficient, k3 estimator (SPEC 7); 0.0 loads no reference model."})
+        "help": "KL(pi || pi_ref) coefficient, k3 estimator (method §7); 0.0 loads no reference model."})
 
     def __post_init__(self):
         # APPO's checks first: they read only fields as given, and GRPOConfig's own checks would otherwise answer
@@ -189,7 +189,7 @@ class APPOConfig(_trl.GRPOConfig):
         if not self.num_generations >= 3:
             raise ValueError(f"num_generations: APPO needs at least 3 rollouts per prompt; with {self.num_generations} "
                              f"every (prompt, initial/branch) group holds at most one rollout, so every dual-group "
-                             f"advantage is 0 (SPEC 5)")
+                             f"advantage is 0 (method §5)")
         n_init = self.appo_num_initial
         if n_init is not None and not (isinstance(n_init, int) and 1 <= n_init < self.num_generations):
             raise ValueError(f"appo_num_initial: expected an int in [1, num_generations - 1 = "
@@ -202,7 +202,7 @@ class APPOConfig(_trl.GRPOConfig):
                              "beta > 0; got beta=0.0")
         if self.scale_rewards not in ("group", "none", True, False):     # GRPOConfig maps True / False to these
             raise ValueError(f"scale_rewards: APPO normalises within (prompt, initial/branch) groups, so 'group' "
-                             f"or 'none' (SPEC 5); got {self.scale_rewards!r}")
+                             f"or 'none' (method §5); got {self.scale_rewards!r}")
         if self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError(f"multi_objective_aggregation: APPO needs one scalar reward per completion, so "
                              f"'sum_then_normalize'; got {self.multi_objective_aggregation!r}")
@@ -565,7 +565,7 @@ class APPOTrainer(_trl.GRPOTrainer):
         return output
 
     # ---------------------------------------------------------------------------------------------------------
-    # Loss: SPEC 6-7
+    # Loss: method §6-§7
     # ---------------------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
