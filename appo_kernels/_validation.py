@@ -121,6 +121,16 @@ def require_positive_float(name: str, value, *, allow_zero: bool = False, lower:
     return v
 
 
+def check_gamma(name: str, gamma) -> float:
+    """A discount in (0, 1]."""
+    return require_positive_float(name, gamma, upper=1.0)
+
+
+def check_clip_eps(clip_eps) -> float:
+    """Omega's clip epsilon in [0, 1)."""
+    return require_positive_float("clip_eps", clip_eps, allow_zero=True, upper=1.0, upper_inclusive=False)
+
+
 def require_int_arg(name: str, value, *, minimum: int = 0, maximum: Optional[int] = None) -> int:
     """An integer (int, numpy integer, anything with __index__; not a bool) in [minimum, maximum]."""
     if isinstance(value, bool):

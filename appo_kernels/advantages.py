@@ -10,7 +10,8 @@ from . import backends
 from ._layout import seq_layout
 from ._validation import (as_bool_mask, require_float, require_int, require_positive_float, require_same_device,
                           require_shape, require_tensor, value_checks_enabled)
-from .backends.torch_ref.sequence import segment_sum, segment_zscore
+from ._numerics import compute_dtype, segment_sum, segment_zscore
+from ._sequence_ops import reverse_discounted_scan
 from .branch_points import resolve_num_groups
 
 
@@ -33,10 +34,6 @@ def _per_rollout(name: str, t, r: int, device, *, kind: str) -> Tensor:
     require_shape(name, t, (r,), "[R], one per rollout")
     require_same_device(**{"rewards/mask": torch.empty(0, device=device), name: t})
     return t
-
-
-def _dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, is_branch: Optional[Tensor] = None, *,
@@ -66,7 +63,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, is_branch: Optional[Ten
     groups = resolve_num_groups(group_ids, num_groups)
     key = group_ids.clamp(0, max(groups - 1, 0)) * 2 + is_branch.to(torch.int64)  # clamp: checks may be off
     include = torch.ones(r, dtype=torch.bool, device=rewards.device)
-    return segment_zscore(rewards, include, key, 2 * groups, scale=bool(scale_by_std)).to(_dtype(rewards))
+    return segment_zscore(rewards, include, key, 2 * groups, scale=bool(scale_by_std)).to(compute_dtype(rewards.dtype))
 
 
 def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, split: Tensor, mask: Tensor, *,
@@ -109,7 +106,7 @@ def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, spl
             raise ValueError("branch_score: expected a float [R] tensor when branch_strength_scaling=True, got None")
         _per_rollout("branch_score", branch_score, r, device, kind="float")
         decay = require_positive_float("decay", decay, upper=1.0)
-    impl = backends.resolve(backend, device, "reverse_discounted_scan", _dtype(rewards))
+    name = backends.resolve(backend, device, "reverse_discounted_scan", compute_dtype(rewards.dtype)).NAME
     is_branch = parent >= 0
     lengths = lay.cu_seqlens[1:] - lay.cu_seqlens[:-1]
     if value_checks_enabled():
@@ -129,8 +126,8 @@ def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, spl
         return torch.zeros(n + 1, dtype=dtype, device=device).index_add_(0, at, torch.where(is_branch, values,
                                                                                            zero))[:n]
 
-    credit_sum = impl.reverse_discounted_scan(impulses(a_hat), lay, 1.0)
-    credit_cnt = impl.reverse_discounted_scan(impulses(torch.ones_like(a_hat)), lay, 1.0)
+    credit_sum = reverse_discounted_scan(impulses(a_hat), lay, 1.0, name)
+    credit_cnt = reverse_discounted_scan(impulses(torch.ones_like(a_hat)), lay, 1.0, name)
     adv = a_hat[lay.seg] + torch.where(credit_cnt > 0, credit_sum / credit_cnt.clamp(min=1), zero)
 
     multiplier = torch.ones(n, dtype=dtype, device=device)
@@ -140,7 +137,7 @@ def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, spl
             0, src, torch.where(is_branch, bs, float("-inf")), "amax")[src]
         weight = torch.where(strongest > 0, bs.clamp(min=0) / strongest.clamp(min=torch.finfo(dtype).tiny), zero)
         n_branches = segment_sum(is_branch.to(dtype), src, r)
-        boost = impl.reverse_discounted_scan(impulses(weight), lay, decay)
+        boost = reverse_discounted_scan(impulses(weight), lay, decay, name)
         multiplier = 1 + torch.where(n_branches[lay.seg] > 0, boost / n_branches[lay.seg].clamp(min=1), zero)
         adv = adv * multiplier
 

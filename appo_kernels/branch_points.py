@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ._layout import per_token, seq_layout
+from ._numerics import compute_dtype
 from ._validation import (require_choice, require_float, require_int, require_int_arg, require_same_device,
                           require_shape, value_checks_enabled)
 
@@ -99,8 +100,8 @@ def select_branch_points(score: Tensor, candidate: Tensor, group_ids: Tensor, nu
     order = torch.cat([order, order.new_full((1,), n)])
     seg_x = torch.cat([seg, seg.new_full((1,), -1)])
     pos_x = torch.cat([pos, pos.new_full((1,), -1)])
-    out_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-    score_x = torch.cat([s.to(out_dtype), s.new_full((1,), float("-inf"), dtype=out_dtype)])
+    dtype = compute_dtype(s.dtype)
+    score_x = torch.cat([s.to(dtype), s.new_full((1,), float("-inf"), dtype=dtype)])
     cand_x = torch.cat([cand, cand.new_zeros(1)])
 
     available = torch.cat([eligible, eligible.new_zeros(1)])

@@ -1,37 +1,72 @@
 """Token statistics straight from hidden states and the output projection, never materialising [N, V]."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import backends
+from .backends._interface import RowStats, SavedStats, TokenOptions, empty_row_stats
 from ._validation import require_float, require_int, require_ndim, require_same_device, require_shape
-from .token_stats import TokenStats, check_token_ids, check_token_options, shaped_stats
+from .token_stats import (STATS_FIELDS, TokenStats, check_token_ids, check_token_options, forward_outputs,
+                          shaped_stats, upstream_grads)
+
+
+@torch.library.custom_op("appo_kernels::linear_token_stats_fwd_out", mutates_args=STATS_FIELDS)
+def linear_token_stats_fwd_out(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
+                               temperature: float, topk: int, ignore_index: int, entropy_topk: bool, chunk: List[int],
+                               backend: str, logp: Tensor, entropy: Tensor, lse: Tensor, topk_ids: Tensor,
+                               topk_logp: Tensor, topk_set: Tensor, c: Tensor) -> None:
+    backends.get(backend).linear_token_stats_forward(
+        hidden, weight, bias, tokens, TokenOptions(temperature, topk, ignore_index, entropy_topk),
+        tuple(chunk) if chunk else None, RowStats(logp, entropy, lse, topk_ids, topk_logp, topk_set, c))
+
+
+@linear_token_stats_fwd_out.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op("appo_kernels::linear_token_stats_bwd_out", mutates_args=("g_hidden", "g_weight", "g_bias"))
+def linear_token_stats_bwd_out(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor, lse: Tensor,
+                               entropy: Tensor, topk_set: Tensor, c: Tensor, g_logp: Tensor, g_entropy: Tensor,
+                               temperature: float, ignore_index: int, entropy_topk: bool, chunk: List[int],
+                               backend: str, g_hidden: Tensor, g_weight: Tensor, g_bias: Optional[Tensor]) -> None:
+    """Gradients w.r.t. hidden, weight and bias (None without a bias) into the given tensors."""
+    topk = topk_set.shape[1] - 1 if entropy_topk else 0
+    backends.get(backend).linear_token_stats_backward(
+        hidden, weight, bias, tokens, SavedStats(lse, entropy, topk_set, c), g_logp, g_entropy,
+        TokenOptions(temperature, topk, ignore_index, entropy_topk), tuple(chunk) if chunk else None,
+        (g_hidden, g_weight, g_bias))
+
+
+@linear_token_stats_bwd_out.register_fake
+def _(*args):
+    return None
 
 
 class _LinearTokenStatsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature, topk, ignore_index, entropy_topk, chunk, impl):
-        st = impl.linear_token_stats_forward(hidden, weight, bias, tokens, temperature, topk, ignore_index,
-                                             entropy_topk, chunk)
-        ctx.save_for_backward(hidden, weight, bias, tokens, st.lse, st.entropy, st.topk_set, st.c)
-        ctx.args = (temperature, ignore_index, entropy_topk, chunk, impl)
-        ctx.mark_non_differentiable(st.lse, st.topk_ids, st.topk_logp)
-        return st.logp, st.entropy, st.lse, st.topk_ids, st.topk_logp
+    def forward(ctx, hidden, weight, bias, tokens, opts: TokenOptions, chunk, backend: str):
+        st = empty_row_stats(hidden.shape[0], opts.topk, opts.entropy_topk, hidden)
+        linear_token_stats_fwd_out(hidden, weight, bias, tokens, *opts, list(chunk or ()), backend, *st)
+        ctx.args = (opts, chunk, backend)
+        return forward_outputs(ctx, st, any(ctx.needs_input_grad[:3]), hidden, weight, bias, tokens)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_entropy, *_):
         hidden, weight, bias, tokens, lse, entropy, topk_set, c = ctx.saved_tensors
-        temperature, ignore_index, entropy_topk, chunk, impl = ctx.args
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp
-        g_entropy = torch.zeros_like(lse) if g_entropy is None else g_entropy
-        g_hidden, g_weight, g_bias = impl.linear_token_stats_backward(
-            hidden, weight, bias, tokens, lse, entropy, topk_set, c, g_logp, g_entropy, temperature,
-            ignore_index, entropy_topk, chunk)
-        return g_hidden, g_weight, g_bias, None, None, None, None, None, None, None
+        opts, chunk, backend = ctx.args
+        g_logp, g_entropy = upstream_grads(g_logp, g_entropy, lse)
+        grads = (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+                 torch.empty_like(weight, memory_format=torch.contiguous_format),
+                 torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else None)
+        linear_token_stats_bwd_out(hidden, weight, bias, tokens, lse, entropy, topk_set, c, g_logp, g_entropy,
+                                   opts.temperature, opts.ignore_index, opts.entropy_topk, list(chunk or ()),
+                                   backend, *grads)
+        return (*grads, None, None, None, None)
 
 
 def linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
@@ -76,10 +111,9 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: 
             raise ValueError(f"chunk_size: expected a (rows, vocabulary) pair of positive ints, got {chunk_size!r}")
         chunk_size = tuple(chunk_size)
     vocab = weight.shape[0]
-    temperature, topk, ignore_index = check_token_options(vocab, temperature, topk, ignore_index, entropy)
-    check_token_ids(tokens, vocab, ignore_index)
-    impl = backends.resolve(backend, hidden.device, "linear_token_stats", hidden.dtype)
-    lead = tokens.shape
-    out = _LinearTokenStatsFn.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1),
-                                    temperature, topk, ignore_index, entropy == "topk", chunk_size, impl)
-    return shaped_stats(out, lead, topk)
+    opts = check_token_options(vocab, temperature, topk, ignore_index, entropy)
+    check_token_ids(tokens, vocab, opts.ignore_index)
+    name = backends.resolve(backend, hidden.device, "linear_token_stats", hidden.dtype).NAME
+    out = _LinearTokenStatsFn.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1), opts,
+                                    chunk_size, name)
+    return shaped_stats(out, tokens.shape, opts.topk)

@@ -8,7 +8,9 @@ from torch import Tensor
 
 from . import backends
 from ._layout import SeqLayout, per_token, seq_layout
-from ._validation import (as_bool_mask, require_float, require_int, require_ndim, require_positive_float,
+from ._numerics import compute_dtype
+from ._sequence_ops import reverse_discounted_scan, segment_branching_score
+from ._validation import (as_bool_mask, check_clip_eps, check_gamma, require_float, require_int, require_ndim,
                           require_same_device, require_shape)
 from .token_stats import check_token_ids, token_stats
 
@@ -43,24 +45,12 @@ class BranchingScores(NamedTuple):
     topk_logp: Optional[Tensor] = None
 
 
-def out_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def check_gamma(name: str, gamma) -> float:
-    return require_positive_float(name, gamma, upper=1.0)
-
-
-def check_clip_eps(clip_eps) -> float:
-    return require_positive_float("clip_eps", clip_eps, allow_zero=True, upper=1.0, upper_inclusive=False)
-
-
-def _future_values(impl, lay: SeqLayout, logp: Tensor, logp_old: Tensor, mask: Tensor, gamma: float,
+def _future_values(backend: str, lay: SeqLayout, logp: Tensor, logp_old: Tensor, mask: Tensor, gamma: float,
                    clip_eps: float, dtype: torch.dtype) -> FutureValues:
     """Flat [N] inputs -> flat FutureValues (method §2)."""
     zero = torch.zeros((), dtype=dtype, device=logp.device)
     r = torch.where(mask, logp.to(dtype) - logp_old.to(dtype), zero)
-    gain = impl.reverse_discounted_scan(r, lay, gamma)
+    gain = reverse_discounted_scan(r, lay, gamma, backend)
     omega = torch.exp(gain.clamp(-OMEGA_LOG_CLIP, OMEGA_LOG_CLIP)).clamp(1 - clip_eps, 1 + clip_eps)
     return FutureValues(torch.where(mask, omega, zero), torch.where(mask, gain, zero))
 
@@ -88,19 +78,19 @@ def future_values(logp: Tensor, logp_old: Tensor, mask: Optional[Tensor] = None,
         raise TypeError("logp_old: expected a float tensor, got None")
     m = as_bool_mask("mask", mask, lay.shape, logp.device).reshape(-1)
     gamma, clip_eps = check_gamma("gamma", gamma), check_clip_eps(clip_eps)
-    impl = backends.resolve(backend, logp.device, "reverse_discounted_scan", out_dtype(logp))
-    fv = _future_values(impl, lay, lp, lpo, m, gamma, clip_eps, out_dtype(logp))
+    name = backends.resolve(backend, logp.device, "reverse_discounted_scan", compute_dtype(logp.dtype)).NAME
+    fv = _future_values(name, lay, lp, lpo, m, gamma, clip_eps, compute_dtype(logp.dtype))
     return FutureValues(lay.unflat(fv.omega), lay.unflat(fv.gain))
 
 
-def _score(impl, lay: SeqLayout, entropy: Tensor, logp: Optional[Tensor], logp_old: Optional[Tensor],
+def _score(backend: str, lay: SeqLayout, entropy: Tensor, logp: Optional[Tensor], logp_old: Optional[Tensor],
            mask: Tensor, eligible: Tensor, gamma: float, clip_eps: float, dtype: torch.dtype):
     """Flat [N] inputs -> flat (score, candidate, entropy, logp, omega)."""
     zero = torch.zeros((), dtype=dtype, device=entropy.device)
     omega = None
     if logp_old is not None:
-        omega = _future_values(impl, lay, logp, logp_old, mask, gamma, clip_eps, dtype).omega
-    score, candidate = impl.branching_score(entropy.to(dtype), omega, eligible & mask, lay)
+        omega = _future_values(backend, lay, logp, logp_old, mask, gamma, clip_eps, dtype).omega
+    score, candidate = segment_branching_score(entropy.to(dtype), omega, eligible & mask, lay, backend)
     ent = torch.where(mask, entropy.to(dtype), zero)
     lp = None if logp is None else torch.where(mask, logp.to(dtype), zero)
     return score.to(dtype), candidate, ent, lp, omega
@@ -150,8 +140,9 @@ def score_tokens(entropy: Tensor, logp: Optional[Tensor] = None, logp_old: Optio
     lay = seq_layout("entropy", entropy, cu_seqlens)
     gamma, clip_eps = check_gamma("gamma", gamma), check_clip_eps(clip_eps)
     ent, lp, lpo, m, el = _check_score_inputs(lay, entropy, logp, logp_old, mask, eligible, entropy.device)
-    impl = backends.resolve(backend, entropy.device, SCORE_OPS, out_dtype(entropy))
-    return _unflat_scores(lay, _score(impl, lay, ent, lp, lpo, m, el, gamma, clip_eps, out_dtype(entropy)))
+    dtype = compute_dtype(entropy.dtype)
+    name = backends.resolve(backend, entropy.device, SCORE_OPS, dtype).NAME
+    return _unflat_scores(lay, _score(name, lay, ent, lp, lpo, m, el, gamma, clip_eps, dtype))
 
 
 def branching_score(logits: Tensor, tokens: Tensor, logp_old: Optional[Tensor] = None,
@@ -187,8 +178,9 @@ def branching_score(logits: Tensor, tokens: Tensor, logp_old: Optional[Tensor] =
     with torch.no_grad():
         st = token_stats(logits, torch.where(m, tokens, torch.full_like(tokens, ignore)), temperature=temperature,
                          topk=topk, ignore_index=ignore, entropy=entropy, backend=backend)
-        impl = backends.resolve(backend, logits.device, SCORE_OPS, out_dtype(logits))
+        dtype = compute_dtype(logits.dtype)
+        name = backends.resolve(backend, logits.device, SCORE_OPS, dtype).NAME
         ent, lp, lpo, mf, el = _check_score_inputs(lay, st.entropy, st.logp, logp_old, m, eligible,
                                                    logits.device)
-        flat = _score(impl, lay, ent, lp, lpo, mf, el, gamma, clip_eps, out_dtype(logits))
+        flat = _score(name, lay, ent, lp, lpo, mf, el, gamma, clip_eps, dtype)
     return _unflat_scores(lay, flat, st.topk_ids, st.topk_logp)

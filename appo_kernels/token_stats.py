@@ -7,11 +7,13 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends._interface import RowStats, SavedStats, TokenOptions, empty_row_stats
 from ._validation import (require_choice, require_float, require_int, require_int64_arg, require_int_arg,
                           require_ndim, require_positive_float, require_same_device, require_shape,
                           value_checks_enabled)
 
 ENTROPY_KINDS = ("exact", "topk")
+STATS_FIELDS = RowStats._fields   # the outputs an `_out` op writes
 # Below this, logits / temperature leaves float32's range for ordinary logits (1 / 1e-39 is already inf).
 MIN_TEMPERATURE = 1e-6
 
@@ -34,7 +36,7 @@ class TokenStats(NamedTuple):
     topk_logp: Tensor
 
 
-def check_token_options(vocab: int, temperature, topk, ignore_index, entropy: str) -> tuple:
+def check_token_options(vocab: int, temperature, topk, ignore_index, entropy: str) -> TokenOptions:
     """Validate the options shared by token_stats and linear_token_stats."""
     if vocab == 0:
         raise ValueError("logits: expected a non-empty vocabulary dimension (V >= 1), got V = 0")
@@ -44,7 +46,7 @@ def check_token_options(vocab: int, temperature, topk, ignore_index, entropy: st
     require_choice("entropy", entropy, ENTROPY_KINDS)
     if entropy == "topk" and topk == 0:
         raise ValueError("entropy: 'topk' entropy sums over the top-k ids, so it needs topk >= 1, got topk = 0")
-    return temperature, topk, ignore_index
+    return TokenOptions(temperature, topk, ignore_index, entropy == "topk")
 
 
 def check_token_ids(tokens: Tensor, vocab: int, ignore_index: int, name: str = "tokens") -> None:
@@ -58,28 +60,105 @@ def check_token_ids(tokens: Tensor, vocab: int, ignore_index: int, name: str = "
                          f"got {int(tokens[tuple(where)])} at index {where}")
 
 
+# ---- the custom ops: every kernel call goes through them, so torch.compile sees opaque ops with fake
+# implementations whatever the backend (an argument: its name). `_out` ops write into outputs the caller
+# allocated (backends/_interface.empty_row_stats); the plain functions below allocate and call them.
+
+@torch.library.custom_op("appo_kernels::token_stats_fwd_out", mutates_args=STATS_FIELDS)
+def token_stats_fwd_out(logits: Tensor, tokens: Tensor, temperature: float, topk: int, ignore_index: int,
+                        entropy_topk: bool, backend: str, logp: Tensor, entropy: Tensor, lse: Tensor,
+                        topk_ids: Tensor, topk_logp: Tensor, topk_set: Tensor, c: Tensor) -> None:
+    backends.get(backend).token_stats_forward(logits, tokens, TokenOptions(temperature, topk, ignore_index,
+                                                                           entropy_topk),
+                                              RowStats(logp, entropy, lse, topk_ids, topk_logp, topk_set, c))
+
+
+@token_stats_fwd_out.register_fake
+def _(logits, tokens, temperature, topk, ignore_index, entropy_topk, backend, *out):
+    return None
+
+
+def token_stats_fwd(logits: Tensor, tokens: Tensor, opts: TokenOptions, backend: str) -> RowStats:
+    """logits [N, V], tokens [N] -> RowStats (newly allocated) by backend `backend`."""
+    out = empty_row_stats(logits.shape[0], opts.topk, opts.entropy_topk, logits)
+    token_stats_fwd_out(logits, tokens, *opts, backend, *out)
+    return out
+
+
+@torch.library.custom_op("appo_kernels::token_stats_bwd_out", mutates_args=("grad",))
+def token_stats_bwd_out(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, topk_set: Tensor, c: Tensor,
+                        g_logp: Tensor, g_entropy: Tensor, temperature: float, ignore_index: int,
+                        entropy_topk: bool, backend: str, grad: Tensor) -> None:
+    """The gradient w.r.t. logits [N, V] into `grad` (contiguous, logits' dtype)."""
+    _backward(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy, temperature, ignore_index,
+              entropy_topk, backend, grad)
+
+
+@torch.library.custom_op("appo_kernels::token_stats_bwd_inplace", mutates_args=("logits",))
+def token_stats_bwd_inplace(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, topk_set: Tensor,
+                            c: Tensor, g_logp: Tensor, g_entropy: Tensor, temperature: float, ignore_index: int,
+                            entropy_topk: bool, backend: str) -> None:
+    """token_stats_bwd_out writing the gradient over the (contiguous) logits."""
+    _backward(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy, temperature, ignore_index,
+              entropy_topk, backend, logits)
+
+
+def _backward(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy, temperature, ignore_index,
+              entropy_topk, backend, out):
+    topk = topk_set.shape[1] - 1 if entropy_topk else 0
+    backends.get(backend).token_stats_backward(logits, tokens, SavedStats(lse, entropy, topk_set, c), g_logp,
+                                               g_entropy, TokenOptions(temperature, topk, ignore_index, entropy_topk),
+                                               out)
+
+
+@token_stats_bwd_out.register_fake
+def _(*args):
+    return None
+
+
+@token_stats_bwd_inplace.register_fake
+def _(*args):
+    return None
+
+
+def forward_outputs(ctx, st: RowStats, needs_grad: bool, *inputs: Tensor) -> tuple:
+    """The autograd outputs (logp, entropy, lse, topk_ids, topk_logp) of a token-statistics forward; saves the
+    inputs and what the backward reads only when a gradient will flow (flash-attention's rule)."""
+    if needs_grad:
+        ctx.save_for_backward(*inputs, *st.saved())
+    ctx.mark_non_differentiable(st.lse, st.topk_ids, st.topk_logp)
+    return st.logp, st.entropy, st.lse, st.topk_ids, st.topk_logp
+
+
+def upstream_grads(g_logp, g_entropy, like: Tensor):
+    """The gradients reaching logp and entropy (None, when an output was not used, reads as zeros)."""
+    return (torch.zeros_like(like) if g_logp is None else g_logp,
+            torch.zeros_like(like) if g_entropy is None else g_entropy)
+
+
 class _TokenStatsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, tokens, temperature, topk, ignore_index, entropy_topk, impl, inplace):
-        st = impl.token_stats_forward(logits, tokens, temperature, topk, ignore_index, entropy_topk)
-        ctx.save_for_backward(logits, tokens, st.lse, st.entropy, st.topk_set, st.c)
-        ctx.args = (temperature, ignore_index, entropy_topk, impl, inplace)
-        ctx.mark_non_differentiable(st.lse, st.topk_ids, st.topk_logp)
-        return st.logp, st.entropy, st.lse, st.topk_ids, st.topk_logp
+    def forward(ctx, logits, tokens, opts: TokenOptions, backend: str, inplace: bool):
+        ctx.args = (opts, backend, inplace)
+        return forward_outputs(ctx, token_stats_fwd(logits, tokens, opts, backend), ctx.needs_input_grad[0],
+                               logits, tokens)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_entropy, *_):
         logits, tokens, lse, entropy, topk_set, c = ctx.saved_tensors
-        temperature, ignore_index, entropy_topk, impl, inplace = ctx.args
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp
-        g_entropy = torch.zeros_like(lse) if g_entropy is None else g_entropy
-        # In place: the gradient overwrites the logits (a mutating op, so their version counter moves and any
-        # other saved use of them fails loudly in its backward instead of reading the gradient).
-        backward = impl.token_stats_backward_inplace if inplace else impl.token_stats_backward
-        grad = backward(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy, temperature, ignore_index,
-                        entropy_topk)
-        return grad, None, None, None, None, None, None, None
+        opts, backend, inplace = ctx.args
+        g_logp, g_entropy = upstream_grads(g_logp, g_entropy, lse)
+        args = (logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy, opts.temperature, opts.ignore_index,
+                opts.entropy_topk, backend)
+        if inplace:
+            # The gradient overwrites the logits (a declared mutation, so their version counter moves and any
+            # other saved use of them fails loudly in its backward instead of reading the gradient).
+            token_stats_bwd_inplace(*args)
+            return logits, None, None, None, None
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        token_stats_bwd_out(*args, grad)
+        return grad, None, None, None, None
 
 
 def _check_inplace(logits: Tensor) -> None:
@@ -125,16 +204,13 @@ def token_stats(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, top
     require_shape("tokens", tokens, logits.shape[:-1], "logits.shape[:-1]")
     require_same_device(logits=logits, tokens=tokens)
     vocab = logits.shape[-1]
-    temperature, topk, ignore_index = check_token_options(vocab, temperature, topk, ignore_index, entropy)
-    check_token_ids(tokens, vocab, ignore_index)
+    opts = check_token_options(vocab, temperature, topk, ignore_index, entropy)
+    check_token_ids(tokens, vocab, opts.ignore_index)
     if inplace_backward and logits.requires_grad:
         _check_inplace(logits)
-    impl = backends.resolve(backend, logits.device, "token_stats", logits.dtype, topk=topk)
-    lead = tokens.shape
-    flat_logits = logits.reshape(-1, vocab)
-    out = _TokenStatsFn.apply(flat_logits, tokens.reshape(-1), temperature, topk, ignore_index,
-                              entropy == "topk", impl, bool(inplace_backward))
-    return shaped_stats(out, lead, topk)
+    name = backends.resolve(backend, logits.device, "token_stats", logits.dtype, topk=opts.topk).NAME
+    out = _TokenStatsFn.apply(logits.reshape(-1, vocab), tokens.reshape(-1), opts, name, bool(inplace_backward))
+    return shaped_stats(out, tokens.shape, opts.topk)
 
 
 def shaped_stats(flat_outputs, lead: torch.Size, topk: int) -> TokenStats:

@@ -45,3 +45,28 @@ def test_auto_results_equal_torch_reference():
     for name in ("logp", "entropy", "lse", "topk_logp"):
         torch.testing.assert_close(getattr(auto, name), getattr(ref, name), atol=1e-5, rtol=1e-5)
     assert torch.equal(auto.topk_ids, ref.topk_ids)
+
+
+def test_every_backend_implements_the_written_interface():
+    """Each backend defines every primitive it runs somewhere, with the parameters of backends.Backend."""
+    import inspect
+
+    from appo_kernels.backends import _interface, native, torch_ref, triton_backend
+    protocol = {name: inspect.signature(fn) for name, fn in vars(_interface.Backend).items()
+                if inspect.isfunction(fn)}
+    primitives = {"token_stats": ("token_stats_forward", "token_stats_backward"),
+                  "linear_token_stats": ("linear_token_stats_forward", "linear_token_stats_backward"),
+                  "reverse_discounted_scan": ("reverse_discounted_scan",),
+                  "branching_score": ("branching_score",)}
+    devices = (torch.device("cpu"), torch.device("cuda"))
+    for module in (native, triton_backend, torch_ref):
+        for name in ("available", "unavailable_reason", "unsupported"):
+            assert callable(getattr(module, name)), (module.NAME, name)
+        runs = {op for op in _interface.OPS for d in devices if module.unsupported(op, d) is None}
+        if module is triton_backend and not triton_backend.installed():
+            continue
+        for op in runs:
+            for fn_name in primitives[op]:
+                want = [p for p in protocol[fn_name].parameters if p != "self"]
+                got = list(inspect.signature(getattr(module, fn_name)).parameters)
+                assert got[:len(want)] == want, (module.NAME, fn_name, got, want)

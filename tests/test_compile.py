@@ -74,33 +74,43 @@ def test_fake_tensors_give_shapes_without_running_kernels():
 
 def _op_cases(backend):
     from appo_kernels import backends
+    from appo_kernels.backends._interface import empty_row_stats
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 50, generator=g)
     tokens = torch.randint(0, 50, (6,), generator=g)
     tokens[2] = -100
     cu = torch.tensor([0, 5, 5, 30, 41])
     x = torch.randn(41, generator=g)
+    ops = torch.ops.appo_kernels
     cpu = torch.device("cpu")
     cases = []
     if backends.runs(backend, "token_stats", cpu, torch.float32):
         for entropy_topk in (False, True):
             fwd = (logits, tokens, 0.7, 3, -100, entropy_topk, backend)
-            st = torch.ops.appo_kernels.token_stats_fwd(*fwd)
-            cases.append((torch.ops.appo_kernels.token_stats_fwd, fwd))
-            bwd = (tokens, st[2], st[1], st[5], st[6], torch.randn(6, generator=g), torch.randn(6, generator=g), 0.7,
-                   -100, entropy_topk, backend)
-            cases.append((torch.ops.appo_kernels.token_stats_bwd, (logits, *bwd)))
-            cases.append((torch.ops.appo_kernels.token_stats_bwd_inplace, (logits.clone(), *bwd)))
+            st = empty_row_stats(6, 3, entropy_topk, logits)
+            ops.token_stats_fwd_out(*fwd, *st)
+            cases.append((ops.token_stats_fwd_out, (*fwd, *empty_row_stats(6, 3, entropy_topk, logits))))
+            bwd = (tokens, st.lse, st.entropy, st.topk_set, st.c, torch.randn(6, generator=g),
+                   torch.randn(6, generator=g), 0.7, -100, entropy_topk, backend)
+            cases.append((ops.token_stats_bwd_out, (logits, *bwd, torch.empty_like(logits))))
+            cases.append((ops.token_stats_bwd_inplace, (logits.clone(), *bwd)))
     if backends.runs(backend, "reverse_discounted_scan", cpu, torch.float32):
-        cases.append((torch.ops.appo_kernels.reverse_scan, (x, cu, 0.9, backend)))
+        cases.append((ops.reverse_scan_out, (x, cu, 0.9, backend, torch.empty_like(x))))
     if backends.runs(backend, "branching_score", cpu, torch.float32):
         eligible = torch.rand(41, generator=g) > 0.3
-        cases.append((torch.ops.appo_kernels.branching_score, (x.abs(), x.exp(), eligible, cu, backend)))
-        cases.append((torch.ops.appo_kernels.branching_score, (x.abs(), None, eligible, cu, backend)))
+        for omega in (x.exp(), None):
+            cases.append((ops.branching_score_out, (x.abs(), omega, eligible, cu, backend, torch.empty_like(x),
+                                                    torch.zeros(41, dtype=torch.bool))))
     if backends.runs(backend, "linear_token_stats", cpu, torch.float32):
         h, w, b = torch.randn(6, 8, generator=g), torch.randn(50, 8, generator=g), torch.randn(50, generator=g)
-        cases.append((torch.ops.appo_kernels.linear_token_stats_fwd, (h, w, b, tokens, 1.0, 2, -100, False, [4, 16],
-                                                                      backend)))
+        fwd = (h, w, b, tokens, 1.0, 2, -100, False, [4, 16], backend)
+        st = empty_row_stats(6, 2, False, h)
+        ops.linear_token_stats_fwd_out(*fwd, *st)
+        cases.append((ops.linear_token_stats_fwd_out, (*fwd, *empty_row_stats(6, 2, False, h))))
+        bwd = (h, w, b, tokens, st.lse, st.entropy, st.topk_set, st.c, torch.randn(6, generator=g),
+               torch.randn(6, generator=g), 1.0, -100, False, [4, 16], backend)
+        cases.append((ops.linear_token_stats_bwd_out, (*bwd, torch.empty_like(h), torch.empty_like(w),
+                                                       torch.empty_like(b))))
     return cases
 
 

@@ -109,7 +109,9 @@ for bad_id in (10 ** 7, -5, 7, -(2 ** 62)):
         assert torch.isfinite(xx.grad[keep]).all()
         say(f"token {bad_id} entropy={entropy} topk={topk}")
         # the custom op itself, called directly, with the id out of range
-        torch.ops.appo_kernels.token_stats_fwd(x, tok, 1.0, topk, -100, entropy == "topk", backend)
+        from appo_kernels.backends._interface import empty_row_stats
+        torch.ops.appo_kernels.token_stats_fwd_out(x, tok, 1.0, topk, -100, entropy == "topk", backend,
+                                                   *empty_row_stats(5, topk, entropy == "topk", x))
         say(f"custom op token {bad_id} entropy={entropy} topk={topk}")
 ak.set_value_checks(True)
 
@@ -141,8 +143,9 @@ for bad in bad_cus:
     assert pa.advantages.shape == (N,)
     say(f"cu_seqlens {bad.tolist()}")
     # the custom ops themselves, called directly with the bad cu_seqlens: no access outside [0, N)
-    torch.ops.appo_kernels.reverse_scan(lp, bad, 1.0, backend)
-    torch.ops.appo_kernels.branching_score(ent, lpo, mask, bad, backend)
+    torch.ops.appo_kernels.reverse_scan_out(lp, bad, 1.0, backend, torch.empty_like(lp))
+    torch.ops.appo_kernels.branching_score_out(ent, lpo, mask, bad, backend, torch.empty_like(ent),
+                                               torch.zeros_like(mask))
     say(f"custom ops cu_seqlens {bad.tolist()}")
 
 # parent / split / group ids out of range with checks off: clamped or dropped, never an index error

@@ -542,7 +542,9 @@ def test_triton_splits_and_tiles_match_oracle(gen, splits, block, k, mode, dtype
     tokens[0], tokens[1], tokens[2] = 0, V - 1, -100
     tokens[5] = int(torch.nonzero(torch.isinf(logits[5].double()))[0])       # the target logit is -inf
     tokens[6] = int(torch.nonzero(torch.isfinite(logits[6].double()))[0])
-    res = forward(logits, tokens, 0.8, k, -100, mode == "topk", vocab_splits=splits, block_v=block)
+    from appo_kernels.backends._interface import TokenOptions, empty_row_stats
+    res = empty_row_stats(n, k, mode == "topk", logits)
+    forward(logits, tokens, TokenOptions(0.8, k, -100, mode == "topk"), res, vocab_splits=splits, block_v=block)
     rows = [0, 1, 2, 3, 4, 6, 7]                 # row 5 has logp -inf (checked below)
     check_against_oracle(type(res)(*(t[rows] if t.dim() and t.shape[0] == n else t for t in res)), logits[rows], tokens[rows],
                          temperature=0.8, topk=k, entropy=mode)

@@ -1,27 +1,20 @@
 """Backend registry.
 
-A backend is a module exposing, for flat inputs, the primitives it implements (its `OPS`); the public API
-validates, normalises layouts and composes them:
-
-    token_stats_forward / token_stats_backward                    [N, V] logits
-    linear_token_stats_forward / linear_token_stats_backward       hidden [N, H], weight [V, H]
-    reverse_discounted_scan(x, layout, gamma)                      flat [N], layout: _layout.SeqLayout
-    branching_score(entropy, omega, eligible, layout)              flat [N]
-
-and `unsupported(op, device, dtype, **features) -> Optional[str]` (why it cannot run them, None when it can),
-`available() -> bool`, `unavailable_reason() -> str`. "auto" picks, for the op and
-the input's device and dtype, the first backend in PREFERENCE[device type] that supports it. An explicitly
-named backend that cannot run the op raises: nothing falls back silently.
+A backend is a module that implements the interface of backends/_interface.py (`Backend`): the primitives
+it runs on flat inputs, writing into outputs the caller allocated, and `unsupported(op, device, dtype,
+**features)` saying why it cannot run one (None when it can). The public ops validate, normalise layouts and
+call the primitives through the custom ops, by backend name. "auto" picks, for the op and the input's device
+and dtype, the first backend in PREFERENCE[device type] that runs it. An explicitly named backend that cannot
+run the op raises: nothing falls back silently.
 """
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import native, torch_ref, triton_backend
-from .._ops import Dispatch
+from ._interface import Backend
 
 class BackendUnsupported(ValueError):
     """A named backend cannot run the requested op on this device/dtype (a ValueError naming `backend`).
@@ -38,7 +31,7 @@ class BackendUnsupported(ValueError):
 
 
 _MODULES = (native, triton_backend, torch_ref)
-_REGISTRY: Dict[str, ModuleType] = {m.NAME: m for m in _MODULES if m.available()}
+_REGISTRY: Dict[str, Backend] = {m.NAME: m for m in _MODULES if m.available()}
 # What "auto" tries, fastest first, per device type. The Triton interpreter on CPU is for tests only.
 PREFERENCE = {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")}
 ORDER = ("native", "triton", "torch")
@@ -50,7 +43,7 @@ def available_backends() -> List[str]:
     return [name for name in ORDER if name in _REGISTRY]
 
 
-def _why_not(impl: ModuleType, ops: Sequence[str], device: torch.device, dtype, features: dict) -> Optional[str]:
+def _why_not(impl: Backend, ops: Sequence[str], device: torch.device, dtype, features: dict) -> Optional[str]:
     for op in ops:
         reason = impl.unsupported(op, device, dtype, **features)
         if reason is not None:
@@ -63,22 +56,22 @@ def runs(backend: str, op: str, device: torch.device, dtype: Optional[torch.dtyp
     return backend in _REGISTRY and _REGISTRY[backend].unsupported(op, device, dtype) is None
 
 
-def backend_module(name: str) -> ModuleType:
-    """The registered backend module `name` (the custom ops call it; users go through `resolve`)."""
+def get(name: str) -> Backend:
+    """The registered backend `name` (the custom ops call it; the public ops choose it with `resolve`)."""
     return _REGISTRY[name]
 
 
 def resolve(backend: str, device: torch.device, ops: Union[str, Sequence[str]],
-            dtype: Optional[torch.dtype] = None, **features) -> Dispatch:
-    """A `Dispatch` (the custom ops of backend `backend`, "auto" or a name) that runs `ops` on `device` with
-    `dtype` inputs and the given features (e.g. topk=100), which a backend may not support."""
+            dtype: Optional[torch.dtype] = None, **features) -> Backend:
+    """The backend (`backend`: "auto" or a name) that runs `ops` on `device` with `dtype` inputs and the given
+    features (e.g. topk=100), which a backend may not support; raises ValueError naming `backend` otherwise."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     ops = (ops,) if isinstance(ops, str) else tuple(ops)
     if backend == "auto":
         for name in (n for n in PREFERENCE.get(device.type, ("torch",)) if n in _REGISTRY):
             if _why_not(_REGISTRY[name], ops, device, dtype, features) is None:
-                return Dispatch(name)
+                return _REGISTRY[name]
         raise ValueError(f"backend: no available backend runs {', '.join(ops)} on {device} with {dtype}")
     if backend not in _REGISTRY:
         module = {m.NAME: m for m in _MODULES}.get(backend)
@@ -87,4 +80,4 @@ def resolve(backend: str, device: torch.device, ops: Union[str, Sequence[str]],
     reason = _why_not(_REGISTRY[backend], ops, device, dtype, features)
     if reason is not None:
         raise BackendUnsupported(backend, ops, device, dtype, features, reason)
-    return Dispatch(backend)
+    return _REGISTRY[backend]

@@ -1,7 +1,8 @@
 """The native backend: C++17/OpenMP kernels on CPU (`appo_kernels._C`) and raw CUDA kernels on GPUs
 (`appo_kernels._C_cuda`), both built by setup.py from csrc/.
 
-Tensors are allocated here and passed to the kernels as addresses; the kernels never see torch. Token
+The caller allocates every output (backends/_interface.py); tensors reach the kernels as addresses, and the
+kernels never see torch. Token
 statistics take float32/bfloat16/float16 logits whose last dimension is contiguous (other layouts are copied
 once to be so); the sequence ops take float32 (and float64 on CPU).
 """
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._types import RowStats, backward_inputs, empty_row_stats, rows_contiguous
+from ._interface import RowStats, SavedStats, TokenOptions, kernel_backward_inputs, rows_contiguous
 
 try:
     from .. import _C
@@ -46,8 +47,9 @@ def unavailable_reason() -> str:
 CUDA_MAX_TOPK = 64  # the CUDA kernels keep the running top-k in registers
 
 
-def unsupported(op: str, device: torch.device, dtype: Optional[torch.dtype], topk: int = 0) -> Optional[str]:
-    """Why this backend cannot run `op` on `device` with `dtype` inputs and `topk`, or None when it can."""
+def unsupported(op: str, device: torch.device, dtype: Optional[torch.dtype] = None, **features) -> Optional[str]:
+    """Why this backend cannot run `op` on `device` with `dtype` inputs and `features` (topk), or None."""
+    topk = features.get("topk", 0)
     if {"cpu": _C, "cuda": _C_cuda}.get(device.type) is None:
         return f"its kernels for {device.type} were not built"
     ops = OPS.get(device.type, {})
@@ -70,59 +72,49 @@ def _launch(device: torch.device, name: str, *args) -> None:
         getattr(_C_cuda, name)(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
-def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk: int, ignore_index: int,
-                        entropy_topk: bool) -> RowStats:
-    """logits [N, V] -> RowStats (float32), as the torch reference computes it."""
+def token_stats_forward(logits: Tensor, tokens: Tensor, opts: TokenOptions, out: RowStats) -> None:
+    """logits [N, V] -> `out` (float32), as the torch reference computes it."""
     logits = rows_contiguous(logits)
     n, v = logits.shape
     tokens = tokens.to(torch.int64).contiguous()
-    out = empty_row_stats(n, topk, entropy_topk, logits.device)
-    logp, entropy, lse, topk_ids, topk_logp, topk_set, c = out
     if n:
         _launch(logits.device, "token_stats_fwd", logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v,
-                logits.stride(0), tokens.data_ptr(), ignore_index, 1.0 / temperature, topk, entropy_topk,
-                logp.data_ptr(), entropy.data_ptr(), lse.data_ptr(), topk_ids.data_ptr(), topk_logp.data_ptr(),
-                topk_set.data_ptr(), c.data_ptr())
-    return out
+                logits.stride(0), tokens.data_ptr(), opts.ignore_index, 1.0 / opts.temperature, opts.topk,
+                opts.entropy_topk, *(t.data_ptr() for t in out))
 
 
-def token_stats_backward(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, topk_set: Tensor, c: Tensor,
-                         g_logp: Tensor, g_entropy: Tensor, temperature: float, ignore_index: int,
-                         entropy_topk: bool, out: Optional[Tensor] = None) -> Tensor:
-    """Gradient w.r.t. logits [N, V] (contiguous, logits' dtype). With `out` (which may be `logits`) the result
-    is copied into it: the kernel re-reads special ids after writing the bulk, so it cannot run in place."""
-    if out is not None:
-        return out.copy_(token_stats_backward(logits, tokens, lse, entropy, topk_set, c, g_logp, g_entropy,
-                                              temperature, ignore_index, entropy_topk))
+def token_stats_backward(logits: Tensor, tokens: Tensor, saved: SavedStats, g_logp: Tensor, g_entropy: Tensor,
+                         opts: TokenOptions, out: Tensor) -> None:
+    """Gradient w.r.t. logits [N, V] into contiguous `out` (logits' dtype). The kernel re-reads special ids
+    after writing the bulk, so when `out` is `logits` (in place) it computes into a buffer and copies."""
+    if out.numel() and out.data_ptr() == logits.data_ptr():
+        grad = torch.empty_like(out)
+        token_stats_backward(logits, tokens, saved, g_logp, g_entropy, opts, grad)
+        out.copy_(grad)
+        return
     logits = rows_contiguous(logits)
     n, v = logits.shape
-    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     if n:
-        b = backward_inputs(tokens, lse, entropy, topk_set, c, g_logp, g_entropy, entropy_topk)
+        b = kernel_backward_inputs(tokens, saved, g_logp, g_entropy, opts.entropy_topk)
         _launch(logits.device, "token_stats_bwd", logits.data_ptr(), _LOGIT_CODES[logits.dtype], n, v,
-                logits.stride(0), b.tokens.data_ptr(), ignore_index, 1.0 / temperature, b.k, entropy_topk,
-                b.lse.data_ptr(), b.entropy.data_ptr(), b.topk_set.data_ptr(), b.c.data_ptr(), b.g_logp.data_ptr(),
-                b.g_entropy.data_ptr(), grad.data_ptr())
-    return grad
+                logits.stride(0), b.tokens.data_ptr(), opts.ignore_index, 1.0 / opts.temperature, b.k,
+                opts.entropy_topk, b.lse.data_ptr(), b.entropy.data_ptr(), b.topk_set.data_ptr(), b.c.data_ptr(),
+                b.g_logp.data_ptr(), b.g_entropy.data_ptr(), out.data_ptr())
 
 
-def reverse_discounted_scan(x: Tensor, layout, gamma: float) -> Tensor:
+def reverse_discounted_scan(x: Tensor, layout, gamma: float, out: Tensor) -> None:
     x = x.contiguous()
-    out = torch.empty_like(x)
     cu = layout.cu_seqlens.contiguous()
     _launch(x.device, "reverse_scan", x.data_ptr(), cu.data_ptr(), layout.num_rollouts, x.numel(), float(gamma),
             out.data_ptr(), x.dtype == torch.float64)
-    return out
 
 
-def branching_score(entropy: Tensor, omega: Optional[Tensor], eligible: Tensor, layout):
+def branching_score(entropy: Tensor, omega: Optional[Tensor], eligible: Tensor, layout, out) -> None:
     entropy = entropy.contiguous()
     omega = None if omega is None else omega.to(entropy.dtype).contiguous()
     eligible = eligible.contiguous()
     cu = layout.cu_seqlens.contiguous()
-    score = torch.empty_like(entropy)
-    candidate = torch.empty(entropy.shape, dtype=torch.bool, device=entropy.device)
+    score, candidate = out
     _launch(entropy.device, "branching_score", entropy.data_ptr(), 0 if omega is None else omega.data_ptr(),
             eligible.data_ptr(), cu.data_ptr(), layout.num_rollouts, entropy.numel(), score.data_ptr(),
             candidate.data_ptr(), entropy.dtype == torch.float64)
-    return score, candidate

@@ -6,26 +6,27 @@ appo_kernels stays light.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
-import os
 from typing import Optional
 
 import torch
 
+from .triton_kernels import TOKEN_STATS_MAX_TOPK, interpreting
+
 NAME = "triton"
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SEQUENCE_DTYPES = (torch.float32, torch.float64)
-TOKEN_STATS_MAX_TOPK = 64      # token_stats keeps its running top-k in registers
 OPS = {"token_stats": _LOGIT_DTYPES, "linear_token_stats": _LOGIT_DTYPES,
        "reverse_discounted_scan": _SEQUENCE_DTYPES, "branching_score": _SEQUENCE_DTYPES}
+# Which kernel module implements each op (they import triton, so they load on first use: `__getattr__`).
+_KERNELS = {"token_stats_forward": "token_stats", "token_stats_backward": "token_stats",
+            "linear_token_stats_forward": "linear_token_stats", "linear_token_stats_backward": "linear_token_stats",
+            "reverse_discounted_scan": "sequence", "branching_score": "sequence"}
 
 
 def installed() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def available() -> bool:
@@ -40,9 +41,8 @@ def unavailable_reason() -> str:
             "(TRITON_INTERPRET=1, set before triton is first imported; for tests)")
 
 
-def unsupported(op: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-                topk: int = 0) -> Optional[str]:
-    """Why this backend cannot run `op` on `device` with `dtype` inputs and `topk`, or None when it can."""
+def unsupported(op: str, device: torch.device, dtype: Optional[torch.dtype] = None, **features) -> Optional[str]:
+    """Why this backend cannot run `op` on `device` with `dtype` inputs and `features` (topk), or None."""
     if device.type == "cpu" and not interpreting():
         return unavailable_reason()
     if device.type not in ("cpu", "cuda"):
@@ -51,37 +51,14 @@ def unsupported(op: str, device: torch.device, dtype: Optional[torch.dtype] = No
         return f"it has no {op} kernel"
     if dtype is not None and dtype not in OPS[op]:
         return f"its {op} kernel takes {', '.join(str(d) for d in OPS[op])} inputs"
+    topk = features.get("topk", 0)
     if op == "token_stats" and topk > TOKEN_STATS_MAX_TOPK:
         return (f"its token_stats kernel keeps the running top-k in registers, so topk <= {TOKEN_STATS_MAX_TOPK}, "
                 f"got {topk}")
     return None
 
 
-def token_stats_forward(*args):
-    from .triton_kernels import token_stats
-    return token_stats.token_stats_forward(*args)
-
-
-def token_stats_backward(*args, **kwargs):
-    from .triton_kernels import token_stats
-    return token_stats.token_stats_backward(*args, **kwargs)
-
-
-def linear_token_stats_forward(*args):
-    from .triton_kernels import linear_token_stats
-    return linear_token_stats.linear_token_stats_forward(*args)
-
-
-def linear_token_stats_backward(*args):
-    from .triton_kernels import linear_token_stats
-    return linear_token_stats.linear_token_stats_backward(*args)
-
-
-def reverse_discounted_scan(x, layout, gamma):
-    from .triton_kernels import sequence
-    return sequence.reverse_discounted_scan(x, layout, gamma)
-
-
-def branching_score(entropy, omega, eligible, layout):
-    from .triton_kernels import sequence
-    return sequence.branching_score(entropy, omega, eligible, layout)
+def __getattr__(name: str):
+    if name in _KERNELS:
+        return getattr(importlib.import_module(f"{__package__}.triton_kernels.{_KERNELS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

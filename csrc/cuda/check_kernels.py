@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from appo_kernels import _layout  # noqa: E402
 from appo_kernels.backends.torch_ref import sequence as ref_seq  # noqa: E402
 from appo_kernels.backends.torch_ref import vocab as ref_vocab  # noqa: E402
+from appo_kernels.backends._interface import TokenOptions, empty_row_stats  # noqa: E402
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DNAME = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -192,7 +193,9 @@ def run_token_case(name, n, v, dtype, kind, topk, entropy_topk, temperature=1.0,
         tokens[r] = tok
     tokens = tokens.to(DEV)
     got = cuda_fwd(logits, tokens, temperature, topk, ignore, entropy_topk)
-    want = ref_vocab.token_stats_forward(logits.float(), tokens, temperature, topk, ignore, entropy_topk)
+    opts = TokenOptions(temperature, topk, ignore, entropy_topk)
+    want = empty_row_stats(n, topk, entropy_topk, logits.float())
+    ref_vocab.token_stats_forward(logits.float(), tokens, opts, want)
     t = fwd_tol()
     ok = check(f"{name} logp", got["logp"], want.logp, **t)
     ok &= check(f"{name} entropy", got["entropy"], want.entropy, **t)
@@ -209,8 +212,8 @@ def run_token_case(name, n, v, dtype, kind, topk, entropy_topk, temperature=1.0,
                   topk_set=want.topk_set.contiguous() if entropy_topk else None,
                   c=want.c.contiguous() if entropy_topk else None)
         g = cuda_bwd(logits, tokens, temperature, topk, ignore, entropy_topk, st, g_logp, g_ent)
-        gw = ref_vocab.token_stats_backward(logits.float(), tokens, want.lse, want.entropy, want.topk_set, want.c,
-                                            g_logp, g_ent, temperature, ignore, entropy_topk)
+        gw = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        ref_vocab.token_stats_backward(logits.float(), tokens, want.saved(), g_logp, g_ent, opts, gw)
         if dtype == torch.float32:
             ok &= check(f"{name} grad", g, gw, rtol=1e-4, atol=1e-6)
         else:  # one rounding of (almost) the same fp32 value: one ulp of the 16-bit type
@@ -300,7 +303,8 @@ def run_scan(name, lens, gamma, seed, bad_cu=None):
             acc = xd[t] + g * acc
             want[t] = acc
     ok = check(f"{name} vs float64", out, want.float(), rtol=1e-6, atol=1e-6)
-    ref = ref_seq.reverse_discounted_scan(x, _layout.seq_layout("x", x, good), gamma)
+    ref = torch.empty_like(x)
+    ref_seq.reverse_discounted_scan(x, _layout.seq_layout("x", x, good), gamma, ref)
     ok &= check(f"{name} vs torch ref", out, ref, rtol=1e-4, atol=1e-4)
     return ok
 
@@ -332,7 +336,8 @@ def run_score(name, lens, with_omega, seed):
                                        stream())
     assert rc == 0
     sync()
-    ws, wc = ref_seq.branching_score(ent, omega, elig, _layout.seq_layout("entropy", ent, cu))
+    ws, wc = torch.empty_like(ent), torch.zeros_like(elig)
+    ref_seq.branching_score(ent, omega, elig, _layout.seq_layout("entropy", ent, cu), (ws, wc))
     ok = check(f"{name} score", score, ws.float(), rtol=1e-6, atol=1e-7)
     ok &= check(f"{name} candidate", cand, wc, 0, 0, exact=True)
     return ok

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..._numerics import segment_zscore
+
 # Width of the dense blocks of the chunked scan. Work is O(N * SCAN_CHUNK); recursion depth log_C(N).
 SCAN_CHUNK = 32
 
@@ -56,52 +58,24 @@ def _non_finite_suffix(x: Tensor, layout) -> Tensor:
     return torch.where(nan | (pos_inf & neg_inf), float("nan"), out)
 
 
-def reverse_discounted_scan(x: Tensor, layout, gamma: float) -> Tensor:
-    """F[t] = sum_{k >= t in the same rollout} gamma^(k - t) * x[k] over flat [N] `x` (method §2, 5, 6).
+def reverse_discounted_scan(x: Tensor, layout, gamma: float, out: Tensor) -> None:
+    """out[t] = sum_{k >= t in the same rollout} gamma^(k - t) * x[k] over flat [N] `x` (method §2, 5, 6).
 
     `layout` is an appo_kernels._layout.SeqLayout; exact, O(N), vectorised. A non-finite x[k] reaches only the
     positions t <= k of its own rollout, as in a sequential scan.
     """
     if x.numel() == 0:
-        return x.clone()
+        return
     finite = torch.isfinite(x)
     scan = _block_scan(torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)), layout.seg,
                        float(gamma))
     nonfinite = _non_finite_suffix(x, layout)
-    return torch.where(nonfinite == 0, scan, nonfinite)
+    out.copy_(torch.where(nonfinite == 0, scan, nonfinite))
 
 
-def segment_sum(x: Tensor, seg: Tensor, num_segments: int) -> Tensor:
-    return x.new_zeros(num_segments).index_add_(0, seg, x)
-
-
-def segment_zscore(x: Tensor, include: Tensor, seg: Tensor, num_segments: int, eps: float = 1e-6,
-                   scale: bool = True) -> Tensor:
-    """(x - mean) / (std + eps) with mean and population std over the `include`d positions of each segment
-    (just x - mean when not `scale`).
-
-    A constant segment gives exactly 0: its mean is taken to be its value (sum / count can leave a rounding
-    residue that, divided by eps, would flip the sign tests that define candidates). Computed in float64.
-    Values at excluded positions are meaningless; callers mask them.
-    """
-    xd = torch.where(include, x.to(torch.float64), torch.zeros((), dtype=torch.float64, device=x.device))
-    w = include.to(torch.float64)
-    count = segment_sum(w, seg, num_segments).clamp(min=1)
-    mean = segment_sum(xd, seg, num_segments) / count
-    inf = torch.full((num_segments,), float("inf"), dtype=torch.float64, device=x.device)
-    lo = inf.scatter_reduce(0, seg, torch.where(include, xd, float("inf")), "amin")
-    hi = (-inf).scatter_reduce(0, seg, torch.where(include, xd, float("-inf")), "amax")
-    mean = torch.where(lo == hi, lo, mean)
-    centred = xd - mean[seg]
-    if not scale:
-        return centred
-    dev = centred * w
-    std = torch.sqrt(segment_sum(dev * dev, seg, num_segments) / count)
-    return centred / (std[seg] + eps)
-
-
-def branching_score(entropy: Tensor, omega, eligible: Tensor, layout):
-    """method §3: score = Z(H) * Z(omega) (or Z(H) without omega) and candidate, over flat [N] vectors."""
+def branching_score(entropy: Tensor, omega, eligible: Tensor, layout, out) -> None:
+    """method §3 over flat [N] vectors into out = (score, candidate): score = Z(H) * Z(omega) (or Z(H) without
+    omega), -inf where not eligible; candidate = eligible & Z(H) > 0 (& Z(omega) > 0)."""
     seg, num_segments = layout.seg, layout.num_rollouts
     z_h = segment_zscore(entropy, eligible, seg, num_segments)
     if omega is None:
@@ -109,6 +83,6 @@ def branching_score(entropy: Tensor, omega, eligible: Tensor, layout):
     else:
         z_o = segment_zscore(omega, eligible, seg, num_segments)
         score, candidate = z_h * z_o, eligible & (z_h > 0) & (z_o > 0)
-    score = score.to(entropy.dtype)  # z-scores are float64 inside; the contract is entropy's dtype
     neg_inf = torch.full((), float("-inf"), dtype=score.dtype, device=score.device)
-    return torch.where(eligible, score, neg_inf), candidate
+    out[0].copy_(torch.where(eligible, score, neg_inf))   # z-scores are float64 inside; out has entropy's dtype
+    out[1].copy_(candidate)

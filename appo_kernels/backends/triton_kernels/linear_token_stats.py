@@ -9,10 +9,10 @@ Forward (`_fwd_kernel`): a grid over (row tiles of BLOCK_N, vocabulary splits). 
 vocabulary range in BLOCK_V tiles; each [BLOCK_N, BLOCK_V] logits tile is `tl.dot` over H in BLOCK_H steps
 (fp32 accumulation), then folded into per-row online partials: running max m, se = sum exp(s - m),
 sh = sum exp(s - m) * (s - m) (one exp2 per element) and the target logit. The per-(split, row) partials are
-merged in torch by `token_stats.merge_partials` (rescale by exp(m - m_new), as the reference's `merge`). Top-k
+merged in torch by `_numerics.merge_row_partials` (rescale by exp(m - m_new), as the reference's `merge`). Top-k
 (k > 0): each tile yields its k best (value desc, ties to the smaller id) as candidates [N, tiles, k], which
-`merge_partials` sorts by (value desc, id asc) into the global top-k. The top-k
-entropy, c and topk_set are O(N*k) and computed in torch (`token_stats._topk_entropy`).
+`merge_row_partials` sorts by (value desc, id asc) into the global top-k. The top-k
+entropy, c and topk_set are O(N*k) and computed in torch (`_numerics.topk_entropy`).
 
 Backward, by recomputation, deterministic (no atomics), two kernels sharing `_grad_tile`:
   `_bwd_hidden_kernel`: one program per row tile loops over all vocabulary tiles: recompute s, grad_s
@@ -32,21 +32,18 @@ ignored (the row tile is BLOCK_N).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._types import RowStats, backward_inputs
-from .token_stats import _num_sms, merge_partials
+from ..._numerics import merge_row_partials
+from .._interface import RowStats, SavedStats, TokenOptions, copy_stats_, kernel_backward_inputs
+from . import interpreting
+from .token_stats import _num_sms
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -254,13 +251,13 @@ def _check(hidden: Tensor, weight: Tensor, bias: Tensor | None):
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     # Native (tensor-core) dots only when compiled and both operands share a 16-bit dtype.
-    dot_f32 = _interpreted() or hidden.dtype != weight.dtype or hidden.dtype == torch.float32
+    dot_f32 = interpreting() or hidden.dtype != weight.dtype or hidden.dtype == torch.float32
     return hidden, weight, bias, dot_f32
 
 
 def _blocks(n: int, v: int, h: int, dot_f32: bool):
     p2 = triton.next_power_of_2
-    if _interpreted():   # cost is per op: big tiles
+    if interpreting():   # cost is per op: big tiles
         return max(16, min(p2(max(n, 1)), 64)), max(16, min(p2(max(v, 1)), 256)), max(16, min(p2(max(h, 1)), 128))
     if dot_f32:
         return 32, 64, 32
@@ -271,16 +268,15 @@ def _blocks(n: int, v: int, h: int, dot_f32: bool):
 
 
 def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
-                               temperature: float, topk: int, ignore_index: int, entropy_topk: bool,
-                               chunk: tuple[int, int] | None = None) -> RowStats:
-    """hidden [N, H], weight [V, H], bias [V] | None -> RowStats (float32) of s = (hidden @ weight.T + bias) / T."""
+                               opts: TokenOptions, chunk: tuple[int, int] | None, out: RowStats) -> None:
+    """hidden [N, H], weight [V, H], bias [V] | None -> `out` (float32) of s = (hidden @ weight.T + bias) / T."""
     hidden, weight, bias, dot_f32 = _check(hidden, weight, bias)
     n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    k = int(topk)
+    k = int(opts.topk)
     tokens = tokens.to(torch.int64).contiguous()
-    valid = tokens != ignore_index
+    valid = tokens != opts.ignore_index
     f32 = {"dtype": torch.float32, "device": dev}
     bn, bv, bh = _blocks(n, v, h, dot_f32)
     nt = triton.cdiv(v, bv)
@@ -298,18 +294,16 @@ def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Tensor | No
         _fwd_kernel[(row_tiles, splits)](
             hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else hidden, tokens,
             part[0], part[1], part[2], part[3], cand_v, cand_i,
-            n, v, h, 1.0 / float(temperature), tiles_per_split * bv, nt,
+            n, v, h, 1.0 / float(opts.temperature), tiles_per_split * bv, nt,
             HAS_BIAS=bias is not None, K=k, DOT_F32=dot_f32, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
             num_warps=4 if dot_f32 else 8)
-    return merge_partials(part, cand_v, cand_i, tokens, valid, v, k, entropy_topk)
+    copy_stats_(out, merge_row_partials(part, cand_v, cand_i, tokens, valid, v, k, opts.entropy_topk))
 
 
 def linear_token_stats_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
-                                lse: Tensor, entropy: Tensor, topk_set: Tensor, c: Tensor, g_logp: Tensor,
-                                g_entropy: Tensor, temperature: float, ignore_index: int, entropy_topk: bool,
-                                chunk: tuple[int, int] | None = None):
-    """Gradients (hidden, weight, bias | None) by recomputing each logits tile; accumulated in fp32."""
-    hidden_in, weight_in, bias_in = hidden, weight, bias
+                                saved: SavedStats, g_logp: Tensor, g_entropy: Tensor, opts: TokenOptions,
+                                chunk: tuple[int, int] | None, out: tuple) -> None:
+    """Gradients (hidden, weight, bias | None) into `out` by recomputing each logits tile; accumulated in fp32."""
     hidden, weight, bias, dot_f32 = _check(hidden, weight, bias)
     n, h = hidden.shape
     v = weight.shape[0]
@@ -318,16 +312,16 @@ def linear_token_stats_backward(hidden: Tensor, weight: Tensor, bias: Tensor | N
     g_weight = torch.zeros((v, h), dtype=torch.float32, device=dev)
     g_bias = torch.zeros(v, dtype=torch.float32, device=dev) if bias is not None else None
     if n and v and h:
-        tokens, lse, entropy, topk_set, c, g_logp, g_entropy, k = backward_inputs(
-            tokens, lse, entropy, topk_set, c, g_logp, g_entropy, entropy_topk)
+        b = kernel_backward_inputs(tokens, saved, g_logp, g_entropy, opts.entropy_topk)
         bn, bv, bh = _blocks(n, v, h, dot_f32)
-        args = (hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else hidden, tokens,
-                lse, entropy, topk_set, c, g_logp, g_entropy)
-        meta = {"HAS_BIAS": bias is not None, "K": k, "TOPK_ENTROPY": bool(entropy_topk), "DOT_F32": dot_f32,
-                    "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "num_warps": 4 if dot_f32 else 8}
-        scal = (n, v, h, int(ignore_index), 1.0 / float(temperature))
+        args = (hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else hidden, b.tokens,
+                b.lse, b.entropy, b.topk_set, b.c, b.g_logp, b.g_entropy)
+        meta = {"HAS_BIAS": bias is not None, "K": b.k, "TOPK_ENTROPY": bool(opts.entropy_topk),
+                "DOT_F32": dot_f32, "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "num_warps": 4 if dot_f32 else 8}
+        scal = (n, v, h, int(opts.ignore_index), 1.0 / float(opts.temperature))
         _bwd_hidden_kernel[(triton.cdiv(n, bn),)](*args, g_hidden, *scal, **meta)
         _bwd_weight_kernel[(triton.cdiv(v, bv),)](*args, g_weight, g_bias if g_bias is not None else g_weight,
                                                   *scal, **meta)
-    return (g_hidden.to(hidden_in.dtype), g_weight.to(weight_in.dtype),
-            g_bias.to(bias_in.dtype) if g_bias is not None else None)
+    for dst, src in zip(out, (g_hidden, g_weight, g_bias)):
+        if dst is not None:
+            dst.copy_(src)

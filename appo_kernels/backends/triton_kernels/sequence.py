@@ -148,30 +148,27 @@ def _scan_block(cu: Tensor) -> int:
     return max(16, min(SCAN_BLOCK, triton.next_power_of_2(max(longest, 1))))
 
 
-def reverse_discounted_scan(x: Tensor, layout, gamma: float) -> Tensor:
-    """F[t] = sum_{k >= t in the same rollout} gamma^(k - t) * x[k] over flat float32/float64 [N] `x`."""
+def reverse_discounted_scan(x: Tensor, layout, gamma: float, out: Tensor) -> None:
+    """out[t] = sum_{k >= t in the same rollout} gamma^(k - t) * x[k] over flat float32/float64 [N] `x`."""
     x = x.contiguous()
-    out = torch.empty_like(x)
     if x.numel() == 0 or layout.num_rollouts == 0:
-        return out
+        return
     g = torch.full((1,), float(gamma), dtype=torch.float64, device=x.device)
     cu = _cu(layout, x.device)
     _reverse_scan_kernel[(layout.num_rollouts,)](x, cu, g, out, x.numel(), BLOCK=_scan_block(cu),
                                                  num_warps=NUM_WARPS)
-    return out
 
 
-def branching_score(entropy: Tensor, omega: Tensor | None, eligible: Tensor, layout) -> tuple[Tensor, Tensor]:
-    """method §3 over flat [N] vectors: (score in entropy's dtype with -inf where not eligible, candidate bool)."""
+def branching_score(entropy: Tensor, omega: Tensor | None, eligible: Tensor, layout, out) -> None:
+    """method §3 over flat [N] vectors into out = (score in entropy's dtype, -inf where not eligible;
+    candidate bool)."""
     entropy = entropy.contiguous()
     omega = None if omega is None else omega.to(entropy.dtype).contiguous()
     elig = eligible.contiguous().view(torch.uint8) if eligible.dtype == torch.bool else (eligible != 0).to(torch.uint8)
-    score = torch.empty_like(entropy)
-    candidate = torch.zeros(entropy.shape, dtype=torch.bool, device=entropy.device)
+    score, candidate = out
     if entropy.numel() == 0 or layout.num_rollouts == 0:
-        return score, candidate
+        return
     _branching_score_kernel[(layout.num_rollouts,)](
         entropy, entropy if omega is None else omega, elig, _cu(layout, entropy.device), score,
         candidate.view(torch.int8), entropy.numel(), HAS_OMEGA=omega is not None, BLOCK=SCORE_BLOCK,
         num_warps=NUM_WARPS)
-    return score, candidate

@@ -14,9 +14,9 @@ over tile + list, value desc, ties to the smaller id) only when its maximum beat
 the per-element work stays that of the statistics. With one split the kernel writes the final statistics:
 lse = m + log se, exact entropy = log se - sh / se (= lse - sum p*s, never -sum p log p per element), top-k
 log-probs; with several, the per-split partials and candidates are merged in torch by the same formulas
-(`merge_partials`, shared with linear_token_stats). The exact-entropy accumulator compiles out when the
-top-k entropy is asked for; the top-k entropy, its constant c and topk_set are O(N*k) and are computed in
-torch from the top-k log-probs and target log-prob (`_topk_entropy`).
+(`_numerics.merge_row_partials`, shared with linear_token_stats and the torch reference). The exact-entropy
+accumulator compiles out when the top-k entropy is asked for; the top-k entropy, its constant c and topk_set
+are O(N*k) and are computed in torch from the top-k log-probs and target log-prob (`_numerics.topk_entropy`).
 
 Backward (`_bwd_kernel`, one program per row x BLOCK_V tile): reads logits once, recomputes p from the
 saved lse, writes the gradient once; the target term and the top-k-set correction are applied in fp32
@@ -30,26 +30,23 @@ downcast only at tl.store; no libdevice, no block pointers, no autotune.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._types import RowStats, backward_inputs, empty_row_stats, rows_contiguous
-from ..triton_backend import TOKEN_STATS_MAX_TOPK as MAX_TOPK
+from ..._numerics import merge_row_partials, topk_entropy
+from .._interface import (RowStats, SavedStats, TokenOptions, copy_stats_, kernel_backward_inputs,
+                          rows_contiguous)
+from . import TOKEN_STATS_MAX_TOPK as MAX_TOPK
+from . import interpreting
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _block(v: int, cap: int) -> int:
     # The interpreter's cost is per op, so it gets far larger tiles than compiled code.
-    return max(16, min(triton.next_power_of_2(max(v, 1)), 1 << 15 if _interpreted() else cap))
+    return max(16, min(triton.next_power_of_2(max(v, 1)), 1 << 15 if interpreting() else cap))
 
 
 @triton.jit(do_not_specialize=["V", "v_per_split"])   # V seeds loop-carried ids: never a constexpr (V == 1)
@@ -194,78 +191,21 @@ def _rows_contiguous(logits: Tensor) -> Tensor:
     return rows_contiguous(logits)
 
 
-def _topk_entropy(logp: Tensor, topk_ids: Tensor, topk_logp: Tensor, tokens: Tensor, valid: Tensor):
-    """Truncated entropy -sum p log p over topk ∪ {token}, c = sum (1 + log p) p over that set, and topk_set
-    ([n, k+1]: the top-k ids then the token, or -1 when the token is among them; -1 for ignored rows)."""
-    tok = torch.where(valid, tokens, torch.zeros_like(tokens))
-    in_topk = (topk_ids == tok[:, None]).any(dim=1)
-    lp = torch.cat([topk_logp, logp[:, None]], dim=1)
-    member = torch.cat([torch.ones_like(topk_ids, dtype=torch.bool), ~in_topk[:, None]], dim=1)
-    prob = torch.where(member, torch.exp(lp), torch.zeros_like(lp))
-    lp_floor = lp.clamp(min=torch.finfo(lp.dtype).min)
-    entropy = torch.where(valid, -(prob * lp_floor).sum(dim=1), 0)
-    c = torch.where(valid, (prob * (1 + lp_floor)).sum(dim=1), 0)
-    topk_set = torch.where(member & valid[:, None], torch.cat([topk_ids, tok[:, None]], dim=1), -1)
-    return entropy, c, topk_set
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
 
 
-def merge_partials(part: Tensor, cand_v: Tensor, cand_i: Tensor, tokens: Tensor, valid: Tensor, vocab: int,
-                   topk: int, entropy_topk: bool) -> RowStats:
-    """RowStats from per-split partials `part` = (m, se, sh, target logit) `[4, splits, n]` and top-k
-    candidates `[n, C, k]` (id V = none), merged as the reference's `merge` does: each split rescaled by
-    exp(m_split - m); the candidates sorted by (value desc, id asc). A token outside [0, vocab) gets NaN logp."""
-    n = tokens.shape[0]
-    f32 = {"dtype": torch.float32, "device": tokens.device}
-    pm, pse, psh, ptgt = part
-    m = pm.amax(dim=0) if pm.shape[0] else torch.full((n,), float("-inf"), **f32)
-    d = pm - m
-    live = pse != 0
-    scale = torch.where(live, torch.exp(d), torch.zeros_like(d))
-    se = (pse * scale).sum(dim=0)
-    sh = torch.where(live, scale * (psh + d * pse), torch.zeros_like(d)).sum(dim=0)
-    log_se = torch.log(se)
-    lse = m + log_se
-    entropy = log_se - sh / se
-    target = torch.where((tokens >= 0) & (tokens < vocab), ptgt.sum(dim=0), float("nan"))
-    logp = (target - m) - log_se
-    if topk:
-        ids = cand_i.reshape(n, cand_i[0].numel() if n else 0)
-        by_id = torch.argsort(ids, dim=1, stable=True)          # ties then keep the smaller id first
-        ids, vals = ids.gather(1, by_id), cand_v.reshape(ids.shape).gather(1, by_id)
-        vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
-        topk_ids = ids.gather(1, order[:, :topk])
-        topk_logp = (vals[:, :topk] - m[:, None]) - log_se[:, None]
-    else:
-        topk_ids = torch.empty(n, 0, dtype=torch.int64, device=tokens.device)
-        topk_logp = torch.empty(n, 0, **f32)
-    zero = torch.zeros_like(lse)
-    logp = torch.where(valid, logp, zero)
-    lse = torch.where(valid, lse, zero)
-    topk_ids = torch.where(valid[:, None], topk_ids, torch.zeros_like(topk_ids))
-    topk_logp = torch.where(valid[:, None], topk_logp, torch.zeros_like(topk_logp))
-    if entropy_topk:
-        entropy, c, topk_set = _topk_entropy(logp, topk_ids, topk_logp, tokens, valid)
-    else:
-        entropy = torch.where(valid, entropy, zero)
-        topk_set, c = torch.empty(0, **f32), torch.empty(0, **f32)
-    return RowStats(logp, entropy, lse, topk_ids, topk_logp, topk_set, c)
-
-
-def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk: int, ignore_index: int,
-                        entropy_topk: bool, vocab_splits: int | None = None,
-                        block_v: int | None = None) -> RowStats:
-    """logits [N, V] -> RowStats (float32), as the torch reference computes it.
+def token_stats_forward(logits: Tensor, tokens: Tensor, opts: TokenOptions, out: RowStats,
+                        vocab_splits: int | None = None, block_v: int | None = None) -> None:
+    """logits [N, V] -> `out` (float32), as the torch reference computes it.
 
     The grid is (rows, vocabulary splits): with few rows the vocabulary is split so that about 4 programs per
     SM run (`vocab_splits` overrides; `block_v` overrides the tile width; both for tests and tuning)."""
     logits = _rows_contiguous(logits)
     n, v = logits.shape
+    topk = int(opts.topk)
     if topk > MAX_TOPK:
         raise ValueError(f"topk: the Triton kernel keeps at most {MAX_TOPK} ids in registers, got {topk}")
     tokens = tokens.to(torch.int64).contiguous()
@@ -278,43 +218,36 @@ def token_stats_forward(logits: Tensor, tokens: Tensor, temperature: float, topk
     splits = triton.cdiv(v, per_split)
     block = int(block_v) if block_v is not None else _block(per_split, cap)
     single = splits == 1
-    valid = tokens != ignore_index
-    final = empty_row_stats(n, topk, False, dev)
+    valid = tokens != opts.ignore_index
     part = torch.empty(4, 0 if single else splits, n, dtype=torch.float32, device=dev)
-    cand_v = final.topk_logp if single else torch.empty(n, splits, topk, dtype=torch.float32, device=dev)
-    cand_i = final.topk_ids if single else torch.empty(n, splits, topk, dtype=torch.int64, device=dev)
+    cand_v = out.topk_logp if single else torch.empty(n, splits, topk, dtype=torch.float32, device=dev)
+    cand_i = out.topk_ids if single else torch.empty(n, splits, topk, dtype=torch.int64, device=dev)
     if n:
-        partials = (final.lse,) * 4 if single else tuple(part)      # unused pointers get a valid tensor
-        _fwd_kernel[(n, splits)](logits, logits.stride(0), tokens, *partials, final.lse, final.logp, final.entropy,
-                                 cand_v, cand_i, n, v, per_split, int(ignore_index), 1.0 / float(temperature),
-                                 K=int(topk), KP=max(2, triton.next_power_of_2(int(topk))),
-                                 EXACT_ENTROPY=not entropy_topk, SINGLE=single, BLOCK_V=block,
+        partials = (out.lse,) * 4 if single else tuple(part)      # unused pointers get a valid tensor
+        _fwd_kernel[(n, splits)](logits, logits.stride(0), tokens, *partials, out.lse, out.logp, out.entropy,
+                                 cand_v, cand_i, n, v, per_split, int(opts.ignore_index), 1.0 / float(opts.temperature),
+                                 K=topk, KP=max(2, triton.next_power_of_2(topk)),
+                                 EXACT_ENTROPY=not opts.entropy_topk, SINGLE=single, BLOCK_V=block,
                                  num_warps=8 if block >= 2048 else 4)
     if not single:
-        return merge_partials(part, cand_v, cand_i, tokens, valid, v, int(topk), entropy_topk)
-    if entropy_topk:
-        entropy, c, topk_set = _topk_entropy(final.logp, final.topk_ids, final.topk_logp, tokens, valid)
-        return final._replace(entropy=entropy, topk_set=topk_set, c=c)
-    return final
+        copy_stats_(out, merge_row_partials(part, cand_v, cand_i, tokens, valid, v, topk, opts.entropy_topk))
+    elif opts.entropy_topk:
+        entropy, c, topk_set = topk_entropy(out.logp, out.topk_ids, out.topk_logp, tokens, valid)
+        out.entropy.copy_(entropy)
+        out.topk_set.copy_(topk_set)
+        out.c.copy_(c)
 
 
-def token_stats_backward(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, topk_set: Tensor, c: Tensor,
-                         g_logp: Tensor, g_entropy: Tensor, temperature: float, ignore_index: int,
-                         entropy_topk: bool, out: Tensor | None = None) -> Tensor:
-    """Gradient w.r.t. logits [N, V] (contiguous, logits' dtype); written into `out` when given, which may be
-    `logits` itself (each program reads its tile before writing the same tile)."""
+def token_stats_backward(logits: Tensor, tokens: Tensor, saved: SavedStats, g_logp: Tensor, g_entropy: Tensor,
+                         opts: TokenOptions, out: Tensor) -> None:
+    """Gradient w.r.t. logits [N, V] into contiguous `out` (logits' dtype), which may be `logits` itself (each
+    program reads its tile before writing the same tile)."""
     logits = _rows_contiguous(logits)
     n, v = logits.shape
-    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device) if out is None else out
-    if not (grad.shape == (n, v) and grad.dtype == logits.dtype and grad.is_contiguous()):
-        raise ValueError(f"out: expected a contiguous {list(logits.shape)} {logits.dtype} tensor, got "
-                         f"{list(grad.shape)} {grad.dtype} with strides {grad.stride()}")
     if n and v:
-        tokens, lse, entropy, topk_set, c, g_logp, g_entropy, k = backward_inputs(
-            tokens, lse, entropy, topk_set, c, g_logp, g_entropy, entropy_topk)
+        b = kernel_backward_inputs(tokens, saved, g_logp, g_entropy, opts.entropy_topk)
         block = _block(v, 2048)
         _bwd_kernel[(n, triton.cdiv(v, block))](
-            logits, logits.stride(0), grad, tokens, lse, entropy, topk_set, c, g_logp, g_entropy,
-            v, int(ignore_index), 1.0 / float(temperature),
-            K=k, TOPK_ENTROPY=bool(entropy_topk), BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
-    return grad
+            logits, logits.stride(0), out, b.tokens, b.lse, b.entropy, b.topk_set, b.c, b.g_logp, b.g_entropy,
+            v, int(opts.ignore_index), 1.0 / float(opts.temperature),
+            K=b.k, TOPK_ENTROPY=bool(opts.entropy_topk), BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
