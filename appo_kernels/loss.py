@@ -9,9 +9,10 @@ from torch import Tensor
 
 from . import backends
 from ._layout import SeqLayout, per_token, seq_layout
-from ._validation import as_bool_mask, require_choice, require_finite_float, require_positive_float
-from .backends.torch_ref.sequence import segment_sum
-from .scores import check_clip_eps, check_gamma, out_dtype
+from ._numerics import compute_dtype, segment_sum
+from ._sequence_ops import reverse_discounted_scan
+from ._validation import (as_bool_mask, check_clip_eps, check_gamma, require_choice, require_finite_float,
+                          require_positive_float)
 
 LOG_RATIO_CLIP = 20.0
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -66,13 +67,13 @@ def future_kl_weights(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: 
     clip_ratio_c = require_positive_float("clip_ratio_c", clip_ratio_c)
     ratio_threshold = require_positive_float("ratio_threshold", ratio_threshold)
     coef = require_finite_float("coef", coef)
-    impl = backends.resolve(backend, logp.device, "reverse_discounted_scan", out_dtype(logp))
-    dtype = out_dtype(logp)
+    dtype = compute_dtype(logp.dtype)
+    name = backends.resolve(backend, logp.device, "reverse_discounted_scan", dtype).NAME
     zero = torch.zeros((), dtype=dtype, device=logp.device)
     with torch.no_grad():
         delta = (lp.to(dtype) - lpo.to(dtype)).clamp(-LOG_RATIO_CLIP, LOG_RATIO_CLIP)
         kept = torch.where(m & (delta <= math.log(clip_ratio_c)), delta, zero)
-        fkl = impl.reverse_discounted_scan(kept, lay, gamma)
+        fkl = reverse_discounted_scan(kept, lay, gamma, name)
         f = torch.exp(fkl).clamp(1.0 if high_only else 1 - clip_eps, 1 + clip_eps)
         a = adv.to(dtype)
         f = torch.where((a < 0) & (torch.exp(delta) > ratio_threshold), f.clamp(1 - clip_eps, 1.0), f)
@@ -95,12 +96,27 @@ def _aggregate(tok: Tensor, m: Tensor, lay: SeqLayout, aggregation: str, token_c
     return (per_seq * present).sum() / present.sum().clamp(min=1)
 
 
+def _drop_dual_clipped(pg: Tensor, hit: Tensor, m: Tensor, lay: SeqLayout, aggregation: str,
+                       token_count) -> Tensor:
+    """The surrogate with every rollout holding more than one `hit` token (A < 0, ratio > c) zeroed. For a
+    token-mean over the mask itself, the kept tokens are rescaled by count / kept count, so that the surrogate
+    is their mean (the authors' filtered mask) while the KL keeps the whole mask; nothing changes, to the bit,
+    when nothing is dropped."""
+    dropped = segment_sum(hit.to(pg.dtype), lay.seg, lay.num_rollouts)[lay.seg] > 1
+    keep = m & ~dropped
+    if aggregation == "token-mean" and token_count is None:
+        scale = m.sum().clamp(min=1).to(pg.dtype) / keep.sum().clamp(min=1).to(pg.dtype)
+        return torch.where(keep, pg * scale, torch.zeros((), dtype=pg.dtype, device=pg.device))
+    return torch.where(keep, pg, torch.zeros((), dtype=pg.dtype, device=pg.device))
+
+
 def policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Optional[Tensor] = None, *,
                 cu_seqlens: Optional[Tensor] = None, logp_ref: Optional[Tensor] = None, eps_low: float = 0.2,
                 eps_high: float = 0.28, clip_ratio_c: float = 3.0, kl_coef: float = 0.001,
                 kl_estimator: str = "k3", aggregation: str = "token-mean", token_count: Optional[float] = None,
                 loss_scale: Optional[float] = None, entropy: Optional[Tensor] = None,
-                entropy_coef: float = 0.0) -> PolicyLoss:
+                entropy_coef: float = 0.0, drop_dual_clipped: bool = True,
+                kl_clamp: Optional[float] = 10.0) -> PolicyLoss:
     """APPO's PPO objective: clip-higher surrogate, dual clip, KL to the reference (method §7).
 
     Args:
@@ -116,6 +132,12 @@ def policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Option
             "seq-mean-token-sum-norm" (Dr.GRPO: sum over all tokens / (number of sequences * loss_scale);
             loss_scale defaults to T in the padded layout and is required for packed input).
         entropy, entropy_coef: optional entropy bonus (subtracted), differentiable in `entropy`.
+        drop_dual_clipped: as the authors' loss does, a rollout with more than one masked token where A < 0 and
+            ratio > clip_ratio_c leaves the surrogate term for this update (its KL and entropy terms stay);
+            with "token-mean" the surrogate is then averaged over the kept tokens (the KL over all), unless
+            `token_count` fixes the denominator. False keeps every token (the dual clip alone bounds them).
+        kl_clamp: the per-token KL estimate is clamped to [-kl_clamp, kl_clamp] (the authors' 10: no gradient
+            beyond it); None leaves it unclamped.
 
     Returns:
         PolicyLoss(loss, pg_loss, kl, clip_fraction, dual_clip_fraction); float32 (float64 for float64 logp).
@@ -147,10 +169,12 @@ def policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Option
             loss_scale = lay.shape[1]
         loss_scale = require_positive_float("loss_scale", loss_scale)
     entropy_coef = require_finite_float("entropy_coef", entropy_coef)
+    if kl_clamp is not None:
+        kl_clamp = require_positive_float("kl_clamp", kl_clamp)
     if entropy_coef and ent is None:
         raise ValueError(f"entropy: expected a float tensor when entropy_coef={entropy_coef}, got None")
 
-    dtype = out_dtype(logp)
+    dtype = compute_dtype(logp.dtype)
     zero = torch.zeros((), dtype=dtype, device=logp.device)
 
     def kept(x: Tensor) -> Tensor:  # masked-out positions read as 0, so NaN/inf there cannot reach the loss
@@ -167,10 +191,15 @@ def policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Option
     dual = (a < 0) & (pg_dual < pg)
     pg = torch.where(a < 0, torch.minimum(pg, pg_dual), pg)
     tok = pg
+    if drop_dual_clipped:
+        tok = _drop_dual_clipped(pg, m & (a < 0) & (ratio.detach() > clip_ratio_c), m, lay, aggregation,
+                                 token_count)
     kl = torch.zeros_like(pg)
     if ref is not None and kl_coef > 0:
         d = (kept(ref).detach() - lp).clamp(-LOG_RATIO_CLIP, LOG_RATIO_CLIP)
         kl = {"k1": -d, "k2": 0.5 * d * d, "k3": torch.exp(d) - d - 1}[kl_estimator]
+        if kl_clamp is not None:
+            kl = kl.clamp(-kl_clamp, kl_clamp)
         tok = tok + kl_coef * kl
     if ent is not None and entropy_coef:
         tok = tok - entropy_coef * kept(ent)

@@ -424,15 +424,24 @@ def future_kl_weights(logp, logp_old, adv, mask, **kw):
 
 def policy_loss(logp, logp_old, adv, mask, logp_ref=None, eps_low=0.2, eps_high=0.28, clip_ratio_c=3.0,
                 kl_coef=0.001, kl_estimator="k3", aggregation="token-mean", token_count=None, loss_scale=None,
-                entropy=None, entropy_coef=0.0):
+                entropy=None, entropy_coef=0.0, drop_dual_clipped=True, kl_clamp=10.0):
     """Per-rollout lists in.  Returns dict(loss, pg_loss, kl, clip_fraction, dual_clip_fraction).
 
     pg_loss is reported with the token-mean aggregation over mask (the only case the tests compare).
     clip_fraction: fraction of masked tokens where the clipped branch is strictly larger (active);
     dual_clip_fraction: fraction of masked tokens with A < 0 where the dual clip bound is active.
+    drop_dual_clipped (the authors' filter): a rollout with more than one masked token where A < 0 and
+    ratio > c loses its surrogate terms; with token-mean (no token_count) the surrogate is the mean over the
+    kept tokens and the KL / entropy terms the mean over all masked tokens. kl_clamp clips each KL value.
     """
     use_kl = logp_ref is not None and kl_coef > 0
+    dropped = []
+    for b in range(len(logp)):
+        hits = sum(1 for t in range(len(logp[b])) if mask[b][t] and float(adv[b][t]) < 0
+                   and math.exp(float(logp[b][t]) - float(logp_old[b][t])) > clip_ratio_c)
+        dropped.append(drop_dual_clipped and hits > 1)
     per_seq = []  # list of (list of per-token loss at masked tokens)
+    pg_kept, other_all = [], []  # token-mean parts: surrogate of kept rollouts, KL / entropy of all
     pg_all, kl_all, clip_flags, dual_flags = [], [], [], []
     for b in range(len(logp)):
         toks = []
@@ -451,7 +460,11 @@ def policy_loss(logp, logp_old, adv, mask, logp_ref=None, eps_low=0.2, eps_high=
                 dual = pg > pg3
                 pg = min(pg, pg3)
             dual_flags.append(dual)
-            loss_t = pg
+            pg_used = 0.0 if dropped[b] else pg
+            if not dropped[b]:
+                pg_kept.append(pg)
+            loss_t = pg_used
+            other = 0.0
             if use_kl:
                 d = _clip(float(logp_ref[b][t]) - float(logp[b][t]), -20.0, 20.0)
                 if kl_estimator == "k1":
@@ -462,17 +475,22 @@ def policy_loss(logp, logp_old, adv, mask, logp_ref=None, eps_low=0.2, eps_high=
                     kl = math.exp(d) - d - 1.0
                 else:
                     raise ValueError(kl_estimator)
+                if kl_clamp is not None:
+                    kl = _clip(kl, -kl_clamp, kl_clamp)
                 kl_all.append(kl)
-                loss_t += kl_coef * kl
+                other += kl_coef * kl
             if entropy is not None and entropy_coef != 0.0:
-                loss_t -= entropy_coef * float(entropy[b][t])
+                other -= entropy_coef * float(entropy[b][t])
+            loss_t += other
+            other_all.append(other)
             pg_all.append(pg)
             toks.append(loss_t)
         per_seq.append(toks)
     n_tok = sum(len(s) for s in per_seq)
-    if aggregation == "token-mean":
-        denom = token_count if token_count is not None else n_tok
-        loss = sum(sum(s) for s in per_seq) / denom
+    if aggregation == "token-mean" and token_count is None:
+        loss = (sum(pg_kept) / len(pg_kept) if pg_kept else 0.0) + (sum(other_all) / n_tok if n_tok else 0.0)
+    elif aggregation == "token-mean":
+        loss = sum(sum(s) for s in per_seq) / token_count
     elif aggregation == "seq-mean-token-mean":
         loss = sum(sum(s) / len(s) for s in per_seq) / len(per_seq)
     elif aggregation == "seq-mean-token-sum":

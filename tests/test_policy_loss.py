@@ -1,6 +1,8 @@
 """policy_loss (method §7, docs/api.md `policy_loss`): clip-higher, dual clip, KL estimators, aggregations,
 metrics and gradients, against the oracle."""
 
+import math
+
 import oracle
 import pytest
 import torch
@@ -42,6 +44,10 @@ CONFIGS = [
     {"aggregation": "seq-mean-token-sum", "kl_estimator": "k1", "kl_coef": 0.05, "entropy_coef": 0.02},
     {"aggregation": "seq-mean-token-sum-norm", "kl_estimator": "k2", "kl_coef": 0.1, "loss_scale": 16.0},
     {"aggregation": "token-mean", "eps_low": 0.1, "eps_high": 0.1, "clip_ratio_c": 2.0, "token_count": 123},
+    # the authors' two details (method §7), off, and the KL clamp binding
+    {"aggregation": "token-mean", "drop_dual_clipped": False, "kl_clamp": None},
+    {"aggregation": "seq-mean-token-mean", "kl_coef": 0.1, "kl_clamp": 0.05},
+    {"aggregation": "token-mean", "kl_estimator": "k2", "kl_coef": 0.1, "kl_clamp": 0.02, "token_count": 77},
 ]
 
 
@@ -228,3 +234,67 @@ def test_non_contiguous(gen):
     assert not nc(logp).is_contiguous()
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
+
+
+def _drop_case(dtype=torch.float64):
+    """Rollout 0: two tokens with A < 0 and ratio e^1.5 > 3 (dropped); rollout 1: one such token (kept)."""
+    logp = torch.full((2, 4), -1.0, dtype=dtype)
+    logp_old = logp.clone()
+    adv = torch.tensor([[-1.0, -0.5, 0.3, 0.2], [-1.0, 0.4, -0.2, 0.1]], dtype=dtype)
+    logp_old[0, :2] -= 1.5
+    logp_old[1, 0] -= 1.5
+    logp_ref = logp + torch.tensor([[0.3, -0.2, 0.1, 0.0], [0.2, 0.1, -0.3, 0.4]], dtype=dtype)
+    return logp, logp_old, adv, logp_ref
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_dual_clipped_rollouts_leave_the_surrogate(aggregation):
+    logp, logp_old, adv, ref = _drop_case()
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    lp = logp.clone().requires_grad_(True)
+    out = ak.policy_loss(lp, logp_old, adv, mask, logp_ref=ref, kl_coef=0.1, aggregation=aggregation)
+    want = oracle.policy_loss(rows(logp), rows(logp_old), rows(adv), rows(mask), rows(ref), kl_coef=0.1,
+                              aggregation=aggregation)
+    torch.testing.assert_close(out.loss.item(), want["loss"], atol=1e-12, rtol=1e-12)
+    kept = ak.policy_loss(logp, logp_old, adv, mask, logp_ref=ref, kl_coef=0.1, aggregation=aggregation,
+                          drop_dual_clipped=False)
+    assert out.loss.item() != kept.loss.item()
+    out.loss.backward()
+    # rollout 0 trains only through its KL term: the gradient there is that of the KL alone
+    lp_kl = logp.clone().requires_grad_(True)
+    d = ref - lp_kl
+    kl = (torch.exp(d) - d - 1)[0]
+    (0.1 * kl.sum() / {"token-mean": 8, "seq-mean-token-mean": 8, "seq-mean-token-sum": 2}[aggregation]).backward()
+    torch.testing.assert_close(lp.grad[0], lp_kl.grad[0])
+
+
+def test_one_dual_clipped_token_keeps_its_rollout():
+    logp, logp_old, adv, ref = _drop_case()
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[0, 1] = False                           # rollout 0 keeps a single offending token
+    a = ak.policy_loss(logp, logp_old, adv, mask, logp_ref=ref)
+    b = ak.policy_loss(logp, logp_old, adv, mask, logp_ref=ref, drop_dual_clipped=False)
+    assert torch.equal(a.loss, b.loss)
+
+
+def test_nothing_dropped_is_bit_identical(gen):
+    batch, mask, logp, logp_old, logp_ref, adv, ent = random_inputs(gen, 5, 9, torch.float32)
+    logp_old = logp.clone()                      # ratio 1: nothing is dual-clipped
+    for aggregation in ("token-mean", "seq-mean-token-mean"):
+        a = ak.policy_loss(logp, logp_old, adv, mask, logp_ref=logp_ref, aggregation=aggregation)
+        b = ak.policy_loss(logp, logp_old, adv, mask, logp_ref=logp_ref, aggregation=aggregation,
+                           drop_dual_clipped=False)
+        assert torch.equal(a.loss, b.loss)
+
+
+def test_kl_clamp_stops_the_gradient_beyond_it():
+    logp = torch.tensor([[-5.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.2]], dtype=torch.float64)      # d = 4: k3 = e^4 - 5 = 49.6 > 10
+    zero = torch.zeros(1, 2, dtype=torch.float64)
+    out = ak.policy_loss(logp, logp.detach(), zero, logp_ref=ref, kl_coef=1.0)
+    d = 4.0
+    assert out.kl.item() == pytest.approx((10.0 + (math.exp(-0.2) + 0.2 - 1)) / 2)
+    out.loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0
+    free = ak.policy_loss(logp.detach(), logp.detach(), zero, logp_ref=ref, kl_coef=1.0, kl_clamp=None)
+    assert free.kl.item() == pytest.approx((math.exp(d) - d - 1 + (math.exp(-0.2) + 0.2 - 1)) / 2)

@@ -65,10 +65,12 @@ def test_estimator_with_a_tree_credits_shared_prefixes():
     assert torch.all(adv[2:] == 0)                          # branch rows: signal, not gradient (method §5)
 
 
+@pytest.mark.parametrize("drop", [True, False])
 @pytest.mark.parametrize("weights", [False, True])
-def test_loss_is_verls_vanilla_surrogate_on_future_kl_weighted_advantages(weights):
+def test_loss_is_verls_vanilla_surrogate_on_future_kl_weighted_advantages(weights, drop):
     # Independent cross-check: verl's own dual-clip PPO ("vanilla") on A * (1 + f) must give APPO's loss and
-    # gradient, with and without rollout importance weights.
+    # gradient, with and without rollout importance weights. With the authors' filter (the default), vanilla
+    # runs on the mask without the responses holding more than one token where A < 0 and ratio > c.
     g = torch.Generator().manual_seed(3)
     bs, t = 6, 10
     mask = (torch.rand(bs, t, generator=g) > 0.2).float()
@@ -77,10 +79,13 @@ def test_loss_is_verls_vanilla_surrogate_on_future_kl_weighted_advantages(weight
     new_a = (old + 0.6 * torch.randn(bs, t, generator=g)).requires_grad_()
     new_b = new_a.detach().clone().requires_grad_()
     w = torch.rand(bs, t, generator=g) + 0.5 if weights else None
-    cfg = _actor_config()
+    cfg = _actor_config(drop_dual_clipped=drop)
     loss, metrics = core_algos.get_policy_loss_fn("appo")(old, new_a, adv, mask, "token-mean", cfg, w)
     weighted = ak.future_kl_weights(new_b.detach(), old, adv, mask.bool()).advantages
-    ref, _ = core_algos.get_policy_loss_fn("vanilla")(old, new_b, weighted, mask, "token-mean", cfg, w)
+    hits = ((mask > 0) & (weighted < 0) & (torch.exp(new_b.detach() - old) > 3.0)).sum(dim=1)
+    assert drop is False or bool((hits > 1).any()), "the data should drop a response"
+    kept = mask * (hits <= 1)[:, None] if drop else mask
+    ref, _ = core_algos.get_policy_loss_fn("vanilla")(old, new_b, weighted, kept, "token-mean", cfg, w)
     torch.testing.assert_close(loss, ref.to(loss.dtype), rtol=1e-5, atol=1e-6)
     loss.backward()
     ref.backward()

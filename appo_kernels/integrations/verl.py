@@ -84,8 +84,11 @@ def compute_policy_loss_appo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     elif loss_agg_mode != "token-mean" and (dp_size > 1 or info.get("global_batch_size") is not None):
         raise NotImplementedError(f"loss_agg_mode: APPO's verl loss normalises {loss_agg_mode!r} per micro-batch "
                                   f"only; use 'token-mean' with data parallelism (dp_size={dp_size})")
+    # verl adds its own KL term (use_kl_loss); the authors' response filter (method §7) is on unless the actor
+    # config sets drop_dual_clipped: false.
     out = policy_loss(log_prob, old_log_prob, adv, mask, eps_low=eps_low, eps_high=eps_high,
-                      clip_ratio_c=clip_ratio_c, kl_coef=0.0, aggregation=loss_agg_mode, token_count=token_count)
+                      clip_ratio_c=clip_ratio_c, kl_coef=0.0, aggregation=loss_agg_mode, token_count=token_count,
+                      drop_dual_clipped=bool(_get(config, "drop_dual_clipped", True)))
     m = mask.to(log_prob.dtype)
     ppo_kl = ((old_log_prob - log_prob).detach() * m).sum() / m.sum().clamp(min=1)
     f = (fkl.weights * m).sum() / m.sum().clamp(min=1)
