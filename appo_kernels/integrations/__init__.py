@@ -11,4 +11,5 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as err:
         raise ImportError(f"{module} is needed for this adapter and is not installed: "
-                          f"pip install 'appo-kernels[{extra}]' (or install {module.split('.')[0]} yourself)") from err
+                          f"from a clone of appo_kernels, pip install -e '.[{extra}]' (the package is not on PyPI; "
+                          f"see docs/{extra}.md), or install {module.split('.')[0]} yourself") from err
