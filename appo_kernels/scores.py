@@ -171,13 +171,11 @@ def branching_score(logits: Tensor, tokens: Tensor, logp_old: Optional[Tensor] =
     lay = seq_layout("tokens", tokens, cu_seqlens)
     gamma, clip_eps = check_gamma("gamma", gamma), check_clip_eps(clip_eps)
     m = as_bool_mask("mask", mask, lay.shape, logits.device)
-    vocab = logits.shape[-1]
-    # Masked-in tokens must be real ids (so none collides with the ignore sentinel below); others are not read.
-    check_token_ids(torch.where(m, tokens, torch.zeros_like(tokens)), max(vocab, 1), ignore_index=0)
-    ignore = -100
+    # Masked-in tokens must be real ids (none may pass for ignore_index); masked-out ones are not read.
+    check_token_ids(torch.where(m, tokens, torch.zeros_like(tokens)), max(logits.shape[-1], 1), ignore_index=0)
     with torch.no_grad():
-        st = token_stats(logits, torch.where(m, tokens, torch.full_like(tokens, ignore)), temperature=temperature,
-                         topk=topk, ignore_index=ignore, entropy=entropy, backend=backend)
+        st = token_stats(logits, tokens, mask=m, temperature=temperature, topk=topk, entropy=entropy,
+                         backend=backend)
         dtype = compute_dtype(logits.dtype)
         name = backends.resolve(backend, logits.device, SCORE_OPS, dtype).NAME
         ent, lp, lpo, mf, el = _check_score_inputs(lay, st.entropy, st.logp, logp_old, m, eligible,

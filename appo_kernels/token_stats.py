@@ -1,14 +1,14 @@
 """Per-token statistics over the vocabulary in one pass (method §1): log-prob, entropy, lse, top-k."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from . import backends
 from .backends._interface import RowStats, SavedStats, TokenOptions, empty_row_stats
-from ._validation import (require_choice, require_float, require_int, require_int64_arg, require_int_arg,
+from ._validation import (as_bool_mask, require_choice, require_float, require_int, require_int64_arg, require_int_arg,
                           require_ndim, require_positive_float, require_same_device, require_shape,
                           value_checks_enabled)
 
@@ -47,6 +47,14 @@ def check_token_options(vocab: int, temperature, topk, ignore_index, entropy: st
     if entropy == "topk" and topk == 0:
         raise ValueError("entropy: 'topk' entropy sums over the top-k ids, so it needs topk >= 1, got topk = 0")
     return TokenOptions(temperature, topk, ignore_index, entropy == "topk")
+
+
+def ignore_masked(tokens: Tensor, mask: Optional[Tensor], ignore_index: int) -> Tensor:
+    """int64 `tokens` with `ignore_index` where `mask` (0/1, tokens' shape) is 0; `tokens` when mask is None."""
+    if mask is None:
+        return tokens
+    m = as_bool_mask("mask", mask, tokens.shape, tokens.device)
+    return torch.where(m, tokens, torch.full((), ignore_index, dtype=torch.int64, device=tokens.device))
 
 
 def check_token_ids(tokens: Tensor, vocab: int, ignore_index: int, name: str = "tokens") -> None:
@@ -170,14 +178,16 @@ def _check_inplace(logits: Tensor) -> None:
                          "values; use it on logits computed by the model (e.g. the LM head's output)")
 
 
-def token_stats(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, topk: int = 0,
-                ignore_index: int = -100, entropy: str = "exact", inplace_backward: bool = False,
+def token_stats(logits: Tensor, tokens: Tensor, *, mask: Optional[Tensor] = None, temperature: float = 1.0,
+                topk: int = 0, ignore_index: int = -100, entropy: str = "exact", inplace_backward: bool = False,
                 backend: str = "auto") -> TokenStats:
     """Log-prob of the sampled token, entropy, logsumexp and top-k, in one pass over the vocabulary.
 
     Args:
         logits: float16/bfloat16/float32/float64 `[N, V]` or `[B, T, V]`, any strides.
         tokens: integer `logits.shape[:-1]`, ids in `[0, V)` or `ignore_index`.
+        mask: 0/1 (bool, int or float) `logits.shape[:-1]`, or None: rows at `mask == 0` are ignored whatever
+            their token holds (as if it were `ignore_index`), e.g. prompt, tool output and padding.
         temperature: `>= 1e-6`; statistics are those of `softmax(logits / temperature)`.
         topk: number of most likely ids to return (`0 <= topk <= V`).
         ignore_index: rows with this token give 0 in every output and 0 gradient.
@@ -205,6 +215,7 @@ def token_stats(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, top
     require_same_device(logits=logits, tokens=tokens)
     vocab = logits.shape[-1]
     opts = check_token_options(vocab, temperature, topk, ignore_index, entropy)
+    tokens = ignore_masked(tokens, mask, opts.ignore_index)
     check_token_ids(tokens, vocab, opts.ignore_index)
     if inplace_backward and logits.requires_grad:
         _check_inplace(logits)

@@ -605,3 +605,17 @@ def test_inplace_backward_refuses_what_it_cannot_overwrite(backend, gen):
         ak.token_stats(x, tokens, inplace_backward=True, backend=backend)
     with pytest.raises(ValueError, match="inplace_backward: .* must be contiguous"):
         ak.token_stats((x * 1).t().contiguous().t(), tokens, inplace_backward=True, backend=backend)
+
+
+def test_mask_ignores_rows_whatever_their_token(backend, gen):
+    """mask == 0 rows are ignored as ignore_index rows are, even when their token is out of range."""
+    logits = make_logits(gen, 6, 23, torch.float32)
+    tokens = make_tokens(gen, 6, 23)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1])
+    garbage = torch.where(mask.bool(), tokens, torch.full_like(tokens, 10 ** 6))
+    got = ak.token_stats(logits, garbage, mask=mask, topk=2, backend=backend)
+    want = ak.token_stats(logits, torch.where(mask.bool(), tokens, -100), topk=2, backend=backend)
+    for name, a, b in zip(got._fields, got, want):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="mask"):
+        ak.token_stats(logits, tokens, mask=torch.ones(5), backend=backend)

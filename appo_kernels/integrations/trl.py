@@ -483,7 +483,7 @@ class APPOTrainer(_trl.GRPOTrainer):
                 logp_old = behavior[sl].to(dev)
             elif old_model is not None:
                 old_logits = self._completion_logits(old_model, prompt_ids[sl], tokens[sl], lengths[sl])
-                logp_old = token_stats(old_logits, torch.where(m, tok, -100), temperature=self.temperature,
+                logp_old = token_stats(old_logits, tok, mask=m, temperature=self.temperature,
                                        backend=self.args.appo_backend).logp
             bs = branching_score(logits, tok, logp_old, m, eligible=eligible[sl].to(dev),
                                  temperature=self.temperature, backend=self.args.appo_backend)
