@@ -16,7 +16,7 @@ ARGS = ["--smoke", "--no-progress", "--max-steps", "3", "--token-budget", "10000
 # One thread per process in both runs, so the comparison is about sharding, not about thread counts.
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 DISCRETE = ("step", "gen_tokens", "reward", "success", "tool_calls", "format", "branches", "candidate_share",
-            "post_answer_forks", "eval_success", "eval_reward", "eval_tool_calls")
+            "post_answer_forks", "decision_forks", "eval_success", "eval_reward", "eval_tool_calls")
 
 
 def _run(cmd, cwd):

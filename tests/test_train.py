@@ -1,6 +1,8 @@
 """The reference trainer (python/appo_train): tasks and rewards, KV-cache generation with the tool loop,
 each algorithm's rollouts and advantages, exact resume, and the CLI end to end (tiny configurations)."""
+import copy
 import json
+import math
 import random
 import re
 import signal
@@ -10,8 +12,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import oracle
 import pytest
 import torch
+
+import appo_kernels as ak
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -24,13 +29,22 @@ from appo_train.policy import (
     PROMPT,
     TOOL,
     PolicyConfig,
+    Rollout,
     build_policy,
     generate,
     pad_batch,
     start_rollout,
     token_logits,
 )
-from appo_train.tasks import MISTAKES, make_task, score_response, solution_trace
+from appo_train.tasks import (
+    LIMITS,
+    MISTAKES,
+    decision_positions,
+    demonstrations,
+    make_task,
+    score_response,
+    solution_trace,
+)
 from appo_train.tokenizer import CharTokenizer
 from appo_train.trainer import TrainConfig, Trainer, backend_in_use
 
@@ -68,7 +82,7 @@ def test_tools_and_reward_shape():
     for bad in ("", f"<ans>{task.answer}", f"{task.answer}<eos>", "<call>kv ab</call><ans>1<eos>",
                 f"<call>kv {key}</call><res>1</res><ans><eos>", "<call>oops</call><res>err</res><ans>1<eos>"):
         assert score_response(task, bad).reward == -1.0, bad
-    for mistake in MISTAKES:
+    for mistake in MISTAKES["easy"]:
         wrong = solution_trace(task, random.Random(1), mistake)
         ep = score_response(task, wrong)
         assert ep.well_formed and ep.reward > -1.0, (mistake, wrong)
@@ -145,8 +159,8 @@ def warm(tmp_path_factory):
     return Trainer(smoke_config(tmp), progress=False)
 
 
-def _collect(trainer, algo, omega_model=None):
-    cfg = replace(trainer.cfg, algo=algo)
+def _collect(trainer, algo, omega_model=None, **over):
+    cfg = replace(trainer.cfg, algo=algo, **over)
     tasks = [make_task(random.Random(11 + i)) for i in range(cfg.prompts_per_step)]
     return cfg, algorithms.collect(algo, cfg, trainer.model, tasks, TOK, (0, 0), omega_model=omega_model)
 
@@ -256,13 +270,25 @@ def test_resume_refuses_a_different_configuration(tmp_path):
         Trainer(smoke_config(tmp_path, max_steps=1, lr=1e-3), progress=False)
 
 
-def test_config_rejects_bad_values(tmp_path):
-    with pytest.raises(ValueError, match="algo: expected one of"):
-        smoke_config(tmp_path, algo="ppo")
-    with pytest.raises(ValueError, match="omega_source"):
-        smoke_config(tmp_path, omega_source="old")
-    with pytest.raises(ValueError, match="rollouts_per_prompt"):
-        smoke_config(tmp_path, rollouts_per_prompt=5)
+@pytest.mark.parametrize("over, match", [
+    ({"algo": "ppo"}, "algo: expected one of"),
+    ({"omega_source": "old"}, "omega_source"),
+    ({"rollouts_per_prompt": 5}, "rollouts_per_prompt"),
+    ({"task": "medium"}, r"task: expected one of \('easy', 'hard'\), got 'medium'"),
+    ({"branch_mode": "swap"}, "branch_mode: expected one of"),
+    ({"topk_choice": "worst"}, "topk_choice: expected one of"),
+    ({"branch_topk": 1}, "branch_topk: expected >= 2"),
+])
+def test_config_rejects_bad_values(tmp_path, over, match):
+    with pytest.raises(ValueError, match=match):
+        smoke_config(tmp_path, **over)
+
+
+def test_each_task_family_has_its_limits(tmp_path):
+    hard = smoke_config(tmp_path, task="hard")
+    assert (hard.tool_budget, hard.max_new_tokens) == (8, 96) == tuple(LIMITS["hard"].values())
+    assert (smoke_config(tmp_path).tool_budget, smoke_config(tmp_path).max_new_tokens) == (3, 64)
+    assert smoke_config(tmp_path, task="hard", tool_budget=5).tool_budget == 5
 
 
 def _run(*args, cwd):
@@ -334,7 +360,9 @@ def test_help_lists_the_commands_and_states_every_default_truly(capsys):
             if action.dest == "help":
                 continue
             assert action.required or "default" in action.help, (parser.prog, action.option_strings)
-            if hasattr(defaults, action.dest) and action.dest not in ("out_dir", "progress"):
+            if action.const is not None and hasattr(defaults, action.dest):   # a switch: says what it changes
+                assert "(default off" in action.help and action.const != getattr(defaults, action.dest), action.dest
+            elif hasattr(defaults, action.dest) and action.dest not in ("out_dir", "progress"):
                 stated = re.search(r"\(default ([^;:)]+)", action.help).group(1)
                 assert stated == str(getattr(defaults, action.dest)), (action.dest, stated)
                 if action.dest in SMOKE:
@@ -398,3 +426,189 @@ def test_the_backend_line_says_why_auto_fell_back_to_torch(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(SystemExit, match=r"^appo-train: --backend: "):
         cli._backend_line("cuda-please")
+
+
+# --- the hard task family, contrastive top-k branches and the switches of docs/trainer.md -----------------
+
+def test_hard_tasks_chain_4_to_6_calls_keep_the_decoy_and_can_be_repaired():
+    rng = random.Random(0)
+    for _ in range(200):
+        task = make_task(rng, "hard")
+        assert 3 <= sum(map(len, task.chains)) <= 5 and len(task.chains) == len(task.keys)
+        for chain in task.chains:                      # each value names the next key, the last is a number
+            assert [task.table[k] for k in chain[:-1]] == list(chain[1:]) and task.table[chain[-1]].isdigit()
+        gold = solution_trace(task, random.Random(1))
+        ep = score_response(task, gold)
+        assert ep.success and 4 <= len(ep.calls) <= 6 and gold[-len("<eos>") - 2] == " "     # the sign-off letter
+        repaired = score_response(task, solution_trace(task, random.Random(2), "repair"))
+        assert repaired.success and len(repaired.calls) == len(ep.calls) + 1       # a wrong read, then the right one
+        wrong = score_response(task, solution_trace(task, random.Random(3), "key"))
+        assert wrong.well_formed and len(wrong.calls) <= LIMITS["hard"]["tool_budget"]
+    demos = demonstrations(400, seed=0, mistake_rate=0.35, family="hard")
+    assert 0.55 < sum(score_response(t, r).success for t, r in demos) / 400 < 0.85
+
+
+def test_decision_positions_mark_tool_names_keys_operands_and_the_answer():
+    text = "<call>kv ab</call><res>cd</res><call>calc 47*-5</call><res>-235</res><ans>-235 q<eos>"
+    pieces = [TOK.token_text(i) for i in TOK.encode(text)]
+    marked = "".join(pieces[i] for i in sorted(decision_positions(pieces)))
+    assert marked == "kab" + "c47*-5" + "-235"                 # not the result "cd", not the sign-off "q"
+    assert all(pieces[i] != " " for i in decision_positions(pieces))
+
+
+def test_no_forks_after_the_answer_started():
+    text = "<call>kv ab</call><res>cd</res><ans>12 q<eos>"
+    ids = [TOK.bos_id] + TOK.encode("ab+1?" + text)
+    r = Rollout(0, ids, [PROMPT] * 6 + [GEN if k == "gen" else TOOL for k in _kinds(text)], 6)
+    tokens, _, kinds = pad_batch([r], TOK.pad_id)
+    every = algorithms.branch_eligible(tokens, kinds, TOK, 64)
+    before = algorithms.branch_eligible(tokens, kinds, TOK, 64, after_answer=False)
+    ans = ids.index(TOK.ans_id)
+    assert torch.equal(before[0, :ans + 1], every[0, :ans + 1]) and before[0, ans]      # <ans> itself may fork
+    assert every[0, ans + 1:].sum() == 4 and not before[0, ans + 1:].any()            # "12 q": forbidden
+
+
+def _kinds(text):
+    """'gen' / 'tool' for each token of a response text."""
+    out, tool = [], False
+    for i in TOK.encode(text):
+        tool = tool or i == TOK.res_id
+        out.append("tool" if tool else "gen")
+        tool = tool and i != TOK.end_res_id
+    return out
+
+
+def test_forks_respect_the_after_answer_switch(warm):
+    cfg, batch = _collect(warm, "appo")
+    cfg_off = replace(cfg, forks_after_answer=False)
+    tasks = batch.tasks
+    off = algorithms.collect("appo", cfg_off, warm.model, tasks, TOK, (0, 0))
+    late = [t > batch.rows[i].tokens.index(TOK.ans_id) for i, t in batch.forks if TOK.ans_id in batch.rows[i].tokens]
+    assert any(late)                                   # the paper's rule forks after the answer here ...
+    for i, t in off.forks:                             # ... the switch never does
+        toks = off.rows[i].tokens
+        assert TOK.ans_id not in toks or t <= toks.index(TOK.ans_id)
+
+
+def test_topk_branches_differ_from_their_parent_exactly_at_the_fork(warm):
+    cfg, batch = _collect(warm, "appo", build_policy(TOK, warm.cfg.policy, seed=5).eval(), branch_mode="topk")
+    n_init = len(batch.rows) - len(batch.forks)
+    assert batch.substituted and batch.scores.topk_ids.shape[-1] == cfg.branch_topk
+    for b, (i, t) in zip(batch.rows[n_init:], batch.forks):
+        parent = batch.rows[i]
+        assert b.parent == i and b.split == t - 1
+        assert b.tokens[:t] == parent.tokens[:t] and b.kinds[:t] == parent.kinds[:t]    # the prefix, unchanged
+        assert b.tokens[t] != parent.tokens[t] and b.kinds[t] == GEN                     # the substituted token
+        best = next(x for x in batch.scores.topk_ids[i, t].tolist() if x != parent.tokens[t])
+        assert b.tokens[t] == best                                                        # topk_choice "best"
+
+
+def test_a_branch_budget_counts_its_prefix_calls():
+    task = make_task(random.Random(4))
+    ids, kinds = _prompt(task)
+    call = [TOK.call_id] + TOK.encode(f"kv {task.keys[0]}") + [TOK.end_call_id]
+    done = call + TOK.encode(f"<res>{task.table[task.keys[0]]}</res>")
+    parent = start_rollout(0, ids + done + done, kinds + [GEN] * len(call) + [TOOL] * (len(done) - len(call))
+                           + [GEN] * len(call) + [TOOL] * (len(done) - len(call)), len(ids), [task], TOK, budget=3)
+    parent.tokens += [TOK.call_id] + TOK.encode("kv ab")
+    parent.kinds += [GEN] * 6
+    at = len(parent.tokens) - 1                        # the last token of a third call's body: "b"
+    for token in (None, TOK.end_call_id):              # resample keeps "b"; topk puts </call> there
+        b = algorithms.fork([parent], 0, at, [task], TOK, budget=2, seed=0, token=token)
+        assert b.calls == (2 if token is None else 3)
+        assert b.tokens[:at] == parent.tokens[:at]
+    assert TOK.decode(b.tokens[-5:]) == "<res>err</res>"          # the third call is over the budget of 2
+
+
+def test_substituted_tokens_leave_the_loss_unless_asked(warm):
+    cfg, batch = _collect(warm, "appo", branch_mode="topk")
+    branch_rows = torch.nonzero(batch.is_branch).flatten().tolist()
+    for train_substituted in (False, True):
+        adv, loss_mask = algorithms.advantages("appo", replace(cfg, train_substituted=train_substituted), batch)
+        ref_adv, ref_mask = algorithms.advantages("appo", replace(cfg, branch_mode="resample"),
+                                                  replace(batch, substituted=False))
+        for r in branch_rows:
+            s = int(batch.split[r]) + 1                # the substituted token
+            assert bool(loss_mask[r, s]) == train_substituted and bool(ref_mask[r, s])
+            assert torch.equal(loss_mask[r, s + 1:], ref_mask[r, s + 1:])               # its continuation trains
+            assert float(adv[r, s]) == (float(ref_adv[r, s]) if train_substituted else 0.0)
+        others = torch.ones_like(loss_mask)
+        others[branch_rows, batch.split[branch_rows] + 1] = False
+        assert torch.equal(loss_mask & others, ref_mask & others)
+
+
+def _oracle_scores(entropy, ratio, eligible, own_term):
+    """Float64 Branching Score per rollout from the oracle's Omega gain, with or without token t's own term."""
+    out = []
+    for h, r, e in zip(entropy.tolist(), ratio.tolist(), eligible.tolist()):
+        _, gain = oracle.future_values_rollout(r, [0.0] * len(r), [1] * len(r))
+        omega = [min(max(math.exp(min(max(g - (0.0 if own_term else x), -20), 20)), 0.8), 1.2)
+                 for g, x in zip(gain, r)]
+        zh, zo = oracle.zscore(h, e), oracle.zscore(omega, e)
+        out.append([zh[t] * zo[t] if e[t] else -math.inf for t in range(len(r))])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("own_term", [True, False])
+def test_omega_with_and_without_token_ts_own_term_against_the_oracle(warm, own_term):
+    cfg = replace(warm.cfg, omega_own_term=own_term)
+    tasks = [make_task(random.Random(11 + i)) for i in range(cfg.prompts_per_step)]
+    rows = generate(warm.model, algorithms.prompt_rows(tasks, 4, TOK, 3, ("omega",)), tasks, TOK, max_new=64,
+                    budget=3)
+    tokens, attention, kinds = pad_batch(rows, TOK.pad_id)
+    gen = kinds == GEN
+    eligible = algorithms.branch_eligible(tokens, kinds, TOK, 64)
+    prev = copy.deepcopy(warm.model)                   # the policy "before the last update": close to it
+    with torch.no_grad():
+        for w in prev.parameters():
+            w.add_(0.02 * torch.randn(w.shape, generator=torch.Generator().manual_seed(w.numel())))
+        logits = token_logits(warm.model, tokens, attention).double()
+        logp_old = algorithms.token_stats(prev, tokens, attention, gen, cfg.backend).logp.double()
+    sc = algorithms.appo_scores(cfg, logits, tokens, attention, gen, eligible, logp_old)
+    st = ak.token_stats(logits, torch.where(gen, tokens, -100))
+    ratio = torch.where(gen, st.logp - logp_old, 0.0)
+    expect = _oracle_scores(st.entropy, ratio, eligible, own_term)
+    assert (expect - _oracle_scores(st.entropy, ratio, eligible, not own_term)).nan_to_num().abs().max() > 0.1
+    finite = torch.isfinite(expect)
+    assert torch.equal(torch.isfinite(sc.score), finite)
+    torch.testing.assert_close(sc.score[finite], expect[finite], atol=1e-7, rtol=1e-7)
+    assert torch.equal(sc.logp, torch.where(gen, sc.logp, 0.0)) and torch.all(sc.omega[~gen] == 0)
+
+
+def test_omega_against_the_reference_policy(tmp_path, warm, monkeypatch):
+    # --omega-source reference: Omega's logp_old comes from the frozen warm start, also after updates.
+    trainer = Trainer(smoke_config(tmp_path, sft_cache=warm.cfg.sft_cache, omega_source="reference", max_steps=2,
+                                   token_budget=10**9), progress=False)
+    seen = []
+    collect = algorithms.collect
+    monkeypatch.setattr(algorithms, "collect", lambda *a, **k: seen.append(a[-1]) or collect(*a, **k))
+    trainer.train_step()
+    trainer.train_step()
+    assert seen == [trainer.ref, trainer.ref]
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), trainer.ref.parameters()))
+
+
+def test_decision_forks_are_counted(tmp_path, warm):
+    trainer = Trainer(smoke_config(tmp_path, sft_cache=warm.cfg.sft_cache, max_steps=1, token_budget=10**9),
+                      progress=False)
+    record, batch, _ = trainer.train_step()
+    expect = sum(t - batch.rows[i].prompt_len in decision_positions(
+        [TOK.token_text(x) for x in batch.rows[i].tokens[batch.rows[i].prompt_len:]]) for i, t in batch.forks)
+    assert record["decision_forks"] == pytest.approx(expect / len(batch.forks))
+    assert 0 <= record["decision_forks"] + record["post_answer_forks"] <= 1
+
+
+def test_cli_smoke_of_the_hard_task_with_topk_branches(tmp_path):
+    out = _run("--smoke", "--no-progress", "--task", "hard", "--branch-mode", "topk", "--topk-choice", "sample",
+               "--token-budget", "1500", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["decision_forks"] is not None for r in records[1:])
+    samples = json.loads((tmp_path / "run" / "samples.json").read_text())
+    by_index = {s["index"]: s for s in samples}
+    branches = [s for s in samples if s["is_branch"] and s["parent"] in by_index]
+    assert branches
+    for b in branches:
+        t, parent = b["split"] + 1, by_index[b["parent"]]
+        assert [x["text"] for x in b["tokens"][:t]] == [x["text"] for x in parent["tokens"][:t]]
+        assert b["tokens"][t]["text"] != parent["tokens"][t]["text"]

@@ -6,9 +6,11 @@
   rollout's initial entropy, until the budget is spent (what is left goes to more full rollouts); plain
   GRPO advantages over all rollouts of the prompt, branches trained on what they generated.
 - APPO (SPEC 2-7): half the budget as initial rollouts, scored with `appo_kernels.branching_score`
-  (Omega from `omega_source`), forks at `appo_kernels.select_branch_points`, per-token advantages from
-  `appo_kernels.procedure_advantages` (dual-group, prefix credit, branch-strength scaling); the loss adds
-  future-KL weighting. "appo-entropy" is the entropy-only ablation (score without Omega).
+  (Omega from `omega_source`), forks at `appo_kernels.select_branch_points`, turned into branches by
+  `appo_kernels.fork_requests` ("resample": keep token t; "topk": replace it by another top-k token),
+  per-token advantages from `appo_kernels.procedure_advantages` (dual-group, prefix credit, branch-strength
+  scaling); the loss adds future-KL weighting. "appo-entropy" is the entropy-only ablation (score without
+  Omega).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class StepBatch:
     scores: ak.BranchingScores | None = None      # APPO: the initial rows' scores (first rows of the batch)
     branch_score: Tensor | None = None           # APPO: BS_b per row (0 on initial rows)
     forks: list[tuple[int, int]] = field(default_factory=list)   # (rollout, position) of every branch
+    substituted: bool = False      # APPO topk: each branch's token at split + 1 replaced its parent's
 
     @property
     def gen_mask(self) -> Tensor:
@@ -76,11 +79,16 @@ def prompt_rows(tasks: list[Task], counts: int | dict[int, int], tok: CharTokeni
 
 
 def fork(rows: list[Rollout], parent: int, position: int, tasks: list[Task], tok: CharTokenizer, budget: int,
-         seed: int) -> Rollout:
-    """A branch that keeps tokens 0..position of `parent` (tool results included) and samples the rest."""
+         seed: int, token: int | None = None) -> Rollout:
+    """A branch of `rows[parent]` that keeps its tokens 0..position (tool results included) and samples the
+    rest; with `token`, it keeps 0..position-1 and places `token` (as generated) at `position` instead. The
+    prefix's tool calls count against the branch's budget."""
     p = rows[parent]
-    return start_rollout(p.task, p.tokens[:position + 1], p.kinds[:position + 1], p.prompt_len, tasks, tok, budget,
-                         parent=parent, split=position, seed=seed)
+    if token is None:
+        return start_rollout(p.task, p.tokens[:position + 1], p.kinds[:position + 1], p.prompt_len, tasks, tok,
+                             budget, parent=parent, split=position, seed=seed)
+    return start_rollout(p.task, p.tokens[:position] + [token], p.kinds[:position] + [GEN], p.prompt_len, tasks,
+                         tok, budget, parent=parent, split=position - 1, seed=seed)
 
 
 def _finish(tasks, rows, tok, **extra) -> StepBatch:
@@ -92,10 +100,36 @@ def _finish(tasks, rows, tok, **extra) -> StepBatch:
                      rewards=torch.tensor([e.reward for e in episodes], dtype=torch.float32), **extra)
 
 
-def branch_eligible(tokens: Tensor, kinds: Tensor, tok: CharTokenizer, max_new: int) -> Tensor:
-    """Generated tokens that leave room to generate: not <eos>, not the last token of the length budget."""
+def branch_eligible(tokens: Tensor, kinds: Tensor, tok: CharTokenizer, max_new: int,
+                    after_answer: bool = True) -> Tensor:
+    """Generated tokens that leave room to generate: not <eos>, not the last token of the length budget; with
+    `after_answer=False` also none after the first <ans> (the answer's value and its sign-off)."""
     gen = kinds == GEN
-    return gen & (tokens != tok.eos_id) & (gen.cumsum(1) < max_new)
+    eligible = gen & (tokens != tok.eos_id) & (gen.cumsum(1) < max_new)
+    if not after_answer:
+        ans = (tokens == tok.ans_id) & gen
+        eligible &= (ans.cumsum(1) - ans.long()) == 0
+    return eligible
+
+
+def appo_scores(cfg, logits: Tensor, tokens: Tensor, attention: Tensor, gen_mask: Tensor, eligible: Tensor,
+                logp_old: Tensor | None) -> ak.BranchingScores:
+    """APPO's Branching Score of the initial rollouts `[R, T]` (+ `cfg.branch_topk` top-k ids for "topk"
+    branches): `branching_score` (Omega over k >= t, SPEC 2), or with `cfg.omega_own_term=False` Omega over
+    the tokens after t only: `score_tokens` fed the log-ratios shifted by one (r'[t] = r[t + 1], summed over
+    every real position), whose scan F'[t] = sum_{k >= t} r'[k] is sum_{k > t} r[k] (gamma = 1)."""
+    topk = cfg.branch_topk if cfg.branch_mode == "topk" else 0
+    if logp_old is None or cfg.omega_own_term:
+        return ak.branching_score(logits, tokens, logp_old, gen_mask, eligible=eligible, temperature=cfg.temperature,
+                                  topk=topk, backend=cfg.backend)
+    st = ak.token_stats(logits, torch.where(gen_mask, tokens, -100), temperature=cfg.temperature, topk=topk,
+                        backend=cfg.backend)
+    ratio = torch.where(gen_mask, st.logp - logp_old, 0.0)
+    later = torch.cat([ratio[:, 1:], ratio.new_zeros(len(ratio), 1)], 1)
+    sc = ak.score_tokens(st.entropy, later, torch.zeros_like(later), attention.bool(), eligible=eligible & gen_mask,
+                         backend=cfg.backend)
+    return sc._replace(omega=torch.where(gen_mask, sc.omega, 0.0), logp=st.logp, topk_ids=st.topk_ids,
+                       topk_logp=st.topk_logp)
 
 
 def collect(algo: str, cfg, model, tasks: list[Task], tok: CharTokenizer, key: tuple,
@@ -117,7 +151,7 @@ def collect(algo: str, cfg, model, tasks: list[Task], tok: CharTokenizer, key: t
     rows = generate(model, prompt_rows(tasks, n_init, tok, budget, (*key, "init"), groups), tasks, tok, **sample)
     tokens, attention, kinds = pad_batch(rows, tok.pad_id)
     gen_mask = kinds == GEN
-    eligible = branch_eligible(tokens, kinds, tok, cfg.max_new_tokens)
+    eligible = branch_eligible(tokens, kinds, tok, cfg.max_new_tokens, cfg.forks_after_answer)
     with torch.no_grad():
         logits = token_logits(model, tokens, attention)
         if algo == "arpo":
@@ -138,22 +172,20 @@ def collect(algo: str, cfg, model, tasks: list[Task], tok: CharTokenizer, key: t
             logp_old = ak.token_stats(logits, torch.where(gen_mask, tokens, -100), backend=cfg.backend).logp
         elif algo == "appo" and omega_model is not None:
             logp_old = token_stats(omega_model, tokens, attention, gen_mask, cfg.backend).logp
-        scores = ak.branching_score(logits, tokens, logp_old, gen_mask, eligible=eligible,
-                                    temperature=cfg.temperature, backend=cfg.backend)
+        scores = appo_scores(cfg, logits, tokens, attention, gen_mask, eligible, logp_old)
     group = torch.tensor([r.task for r in rows])
     bp = ak.select_branch_points(scores.score, scores.candidate, group, n - n_init, num_groups=len(tasks))
-    forks, strength, branches = [], [], []
-    for g in groups:
-        for j in range(n - n_init):
-            if bool(bp.valid[g, j]):
-                i, t = int(bp.rollout[g, j]), int(bp.position[g, j])
-                forks.append((i, t))
-                strength.append(float(bp.score[g, j]))
-                branches.append(fork(rows, i, t, tasks, tok, budget, derive_seed(*key, "branch", g, j)))
+    topk = cfg.branch_mode == "topk"
+    requests = ak.fork_requests(bp, tokens, mode=cfg.branch_mode, topk_ids=scores.topk_ids,
+                                topk_logp=scores.topk_logp, choice=cfg.topk_choice,
+                                generator=seeding.generator(*key, "topk")).tolist()
+    branches = [fork(rows, q.rollout, q.position, tasks, tok, budget, derive_seed(*key, "branch", q.group, q.slot),
+                     token=q.token if topk else None) for q in requests]
     n_initial = len(rows)
     rows += generate(model, branches, tasks, tok, **sample)
-    branch_score = torch.tensor([0.0] * n_initial + strength, dtype=torch.float32)
-    return _finish(tasks, rows, tok, scores=scores, branch_score=branch_score, forks=forks)
+    branch_score = torch.tensor([0.0] * n_initial + [q.score for q in requests], dtype=torch.float32)
+    return _finish(tasks, rows, tok, scores=scores, branch_score=branch_score,
+                   forks=[(q.rollout, q.position) for q in requests], substituted=topk)
 
 
 def _arpo_forks(rows: list[Rollout], kinds: Tensor, entropy: Tensor, budget: int,
@@ -198,4 +230,9 @@ def advantages(algo: str, cfg, batch: StepBatch) -> tuple[Tensor, Tensor]:
                                   branch_score=batch.branch_score,
                                   branch_strength_scaling=cfg.branch_strength_scaling,
                                   train_branches=cfg.train_branches, num_groups=num_groups, backend=cfg.backend)
-    return out.advantages, out.loss_mask
+    if not batch.substituted or cfg.train_substituted:
+        return out.advantages, out.loss_mask
+    # A topk branch's token at split + 1 was put there, not sampled from the policy: out of the loss.
+    pos = torch.arange(gen.shape[1])
+    substituted = batch.is_branch[:, None] & (pos[None, :] == batch.split[:, None] + 1)
+    return torch.where(substituted, 0.0, out.advantages), out.loss_mask & ~substituted

@@ -24,7 +24,10 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from appo_kernels.branch_points import FORK_MODES, TOPK_CHOICES
+
 from .algorithms import ALGORITHMS, OMEGA_SOURCES
+from .tasks import TASKS
 
 TRAIN_EXTRA = ("transformers", "matplotlib", "tqdm")       # what `pip install ".[train]"` adds
 SMOKE = dict(sft_examples=1000, sft_steps=200, prompts_per_step=4, rollouts_per_prompt=8, minibatch_prompts=2,
@@ -79,17 +82,36 @@ def _default(name: str) -> str:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=TASKS,
+                   help=f"the task family: easy = 2-3 tool calls, hard = 4-6 (multi-hop reads) ({_default('task')})")
+    p.add_argument("--branch-mode", dest="branch_mode", choices=FORK_MODES,
+                   help="APPO's branches: resample = keep token t, sample from t+1; topk = replace token t by "
+                        f"another of its top-k tokens, then sample ({_default('branch_mode')})")
+    p.add_argument("--topk-choice", dest="topk_choice", choices=TOPK_CHOICES,
+                   help="with --branch-mode topk: best = the most likely other token, sample = one drawn from the "
+                        f"top-k renormalised without token t ({_default('topk_choice')})")
+    p.add_argument("--train-substituted", dest="train_substituted", action="store_const", const=True,
+                   help="with --branch-mode topk: train the substituted token with its branch's advantage "
+                        "(default off: it was not sampled from the policy, so it is left out of the loss)")
+    p.add_argument("--omega-future-only", dest="omega_own_term", action="store_const", const=False,
+                   help="Omega sums the log-ratios of the tokens after t only, k > t (default off: k >= t, "
+                        "the paper's)")
+    p.add_argument("--no-forks-after-answer", dest="forks_after_answer", action="store_const", const=False,
+                   help="no APPO fork point after the first <ans> token (default off: any generated token, "
+                        "the paper's)")
     p.add_argument("--token-budget", dest="token_budget", type=int,
                    help=f"generated tokens of RL per run ({_default('token_budget')})")
     p.add_argument("--max-steps", dest="max_steps", type=int,
-                   help=f"stop after this many RL steps as well ({_default('max_steps')}: the token budget alone decides)")
+                   help=f"stop after this many RL steps as well ({_default('max_steps')}: the token budget "
+                        "alone decides)")
     p.add_argument("--lr", type=float, help=f"RL learning rate ({_default('lr')})")
     p.add_argument("--omega-source", dest="omega_source", choices=OMEGA_SOURCES,
                    help=f"what logp_old means in APPO's Omega ({_default('omega_source')})")
     p.add_argument("--eval-every", dest="eval_every", type=int,
                    help=f"RL steps between held-out evaluations, plus one at the end ({_default('eval_every')})")
     p.add_argument("--backend", choices=("auto", "torch", "native", "triton"),
-                   help=f"appo_kernels backend; auto = the compiled native one when it is built ({_default('backend')})")
+                   help=f"appo_kernels backend; auto = the compiled native one when it is built "
+                        f"({_default('backend')})")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny configuration that runs in seconds, for CI (default off; sets "
                         + ", ".join(f"{k}={v}" for k, v in SMOKE.items() if k != "policy") + " and a smaller policy)")
@@ -178,11 +200,13 @@ def _compare_report(out: Path, summaries: list[dict], run_dirs: list[Path]) -> t
             row[f"{key}_std"] = statistics.pstdev(vals)
             row[f"{key}_min"], row[f"{key}_max"] = min(vals), max(vals)
         row["success_before"] = statistics.mean(s["success_before"] for s in runs)
-        forks = [s["post_answer_forks"] for s in runs if s.get("post_answer_forks") is not None]
-        row["post_answer_forks"] = statistics.mean(forks) if forks else "-"
+        for key in ("post_answer_forks", "decision_forks"):
+            forks = [s[key] for s in runs if s[key] is not None]
+            row[key] = statistics.mean(forks) if forks else "-"
         rows.append(row)
     cols = ["algo", "seeds", "gen_tokens", "steps", "success_before", "success_mean", "success_std", "success_min",
-            "success_max", "reward_mean", "reward_std", "tool_calls_mean", "tool_calls_std", "post_answer_forks"]
+            "success_max", "reward_mean", "reward_std", "tool_calls_mean", "tool_calls_std", "post_answer_forks",
+            "decision_forks"]
     table = _table(rows, cols)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({"summary": rows, "runs": summaries}, indent=1))

@@ -17,11 +17,12 @@ import torch.distributed as dist
 
 import appo_kernels as ak
 from appo_kernels.backends import resolve as resolve_backend
+from appo_kernels.branch_points import FORK_MODES, TOPK_CHOICES
 
 from . import algorithms, seeding
 from .algorithms import ALGORITHMS, OMEGA_SOURCES, StepBatch
 from .policy import GEN, PROMPT, TOOL, PolicyConfig, build_policy, generate
-from .tasks import TASK_VERSION, demonstrations, make_task
+from .tasks import LIMITS, TASK_VERSION, TASKS, decision_positions, demonstrations, make_task
 from .tokenizer import CharTokenizer
 
 EVAL_SEED = 10_007          # the held-out evaluation prompts are the same for every run
@@ -33,6 +34,7 @@ class TrainConfig:
     algo: str = "appo"
     seed: int = 0
     out_dir: str = "runs/appo"
+    task: str = "easy"               # the task family (tasks.py): "easy" or "hard"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     # supervised warm start on imperfect demonstrations
     sft_examples: int = 6000
@@ -43,8 +45,8 @@ class TrainConfig:
     # rollouts (SPEC 8, scaled down): rollouts_per_prompt = initial + branches for the tree algorithms
     prompts_per_step: int = 8
     rollouts_per_prompt: int = 16
-    max_new_tokens: int = 64
-    tool_budget: int = 3
+    max_new_tokens: int | None = None   # None: the family's (tasks.LIMITS: 64 easy, 96 hard)
+    tool_budget: int | None = None      # None: the family's (3 easy, 8 hard)
     temperature: float = 1.0
     token_budget: int = 300_000      # generated tokens of RL (the equal budget of a comparison)
     max_steps: int | None = None
@@ -61,6 +63,15 @@ class TrainConfig:
     # loss discards half of APPO's samples (measured: docs/trainer.md).
     train_branches: bool = True
     future_kl: bool = True
+    # APPO's branches (SPEC 4; docs/trainer.md): "resample" keeps token t and samples from t + 1; "topk" (the
+    # contrastive branch) replaces token t by the best ("best") or a sampled ("sample") other top-k token
+    branch_mode: str = "resample"
+    topk_choice: str = "best"
+    branch_topk: int = 4
+    train_substituted: bool = False      # train a topk branch's substituted token (not sampled from the policy)
+    # switches whose defaults are the paper's (docs/trainer.md)
+    omega_own_term: bool = True          # Omega sums the log-ratios of k >= t (False: k > t only)
+    forks_after_answer: bool = True      # False: no fork point after the first <ans> token
     # evaluation, samples, backend
     eval_every: int = 20
     eval_prompts: int = 512
@@ -74,6 +85,18 @@ class TrainConfig:
             self.policy = PolicyConfig(**self.policy)
         if self.algo not in ALGORITHMS:
             raise ValueError(f"algo: expected one of {ALGORITHMS}, got {self.algo!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task: expected one of {TASKS}, got {self.task!r}")
+        for name, value in LIMITS[self.task].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.branch_mode not in FORK_MODES:
+            raise ValueError(f"branch_mode: expected one of {FORK_MODES}, got {self.branch_mode!r}")
+        if self.topk_choice not in TOPK_CHOICES:
+            raise ValueError(f"topk_choice: expected one of {TOPK_CHOICES}, got {self.topk_choice!r}")
+        if self.branch_topk < 2:
+            raise ValueError(f"branch_topk: expected >= 2 (an alternative to the sampled token), got "
+                             f"{self.branch_topk}")
         if self.omega_source not in OMEGA_SOURCES:
             raise ValueError(f"omega_source: expected one of {OMEGA_SOURCES}, got {self.omega_source!r}")
         if self.rollouts_per_prompt < 2 or self.rollouts_per_prompt % 2:
@@ -85,7 +108,7 @@ class TrainConfig:
 
     def sft_key(self) -> dict:
         """What the warm start depends on (a cached warm start is reused only when all of it matches)."""
-        return {k: getattr(self, k) for k in ("seed", "sft_examples", "sft_steps", "sft_batch", "sft_lr",
+        return {k: getattr(self, k) for k in ("task", "seed", "sft_examples", "sft_steps", "sft_batch", "sft_lr",
                                               "mistake_rate", "max_new_tokens")} | {"policy": asdict(self.policy),
                                                                        "tasks": TASK_VERSION}
 
@@ -149,7 +172,8 @@ def _cached_warm_start(path: Path, cfg: TrainConfig) -> dict | None:
 
 def _train_warm_start(cfg: TrainConfig, tok: CharTokenizer, progress: bool, path: Path, tqdm) -> dict:
     model = build_policy(tok, cfg.policy, cfg.seed)
-    demos = [_encode_demo(tok, t.prompt, r) for t, r in demonstrations(cfg.sft_examples, cfg.seed, cfg.mistake_rate)]
+    demos = [_encode_demo(tok, t.prompt, r) for t, r in demonstrations(cfg.sft_examples, cfg.seed, cfg.mistake_rate,
+                                                                       cfg.task)]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.sft_steps)))
@@ -185,7 +209,7 @@ def evaluate(model, cfg: TrainConfig, tok: CharTokenizer) -> dict:
     """Sampled (temperature 1) success, reward and tool calls on the fixed held-out prompts (sharded over the
     ranks of a data-parallel run; every prompt and sample keeps its own random stream)."""
     rng = random.Random(EVAL_SEED)
-    tasks = [make_task(rng) for _ in range(cfg.eval_prompts)]
+    tasks = [make_task(rng, cfg.task) for _ in range(cfg.eval_prompts)]
     rows = algorithms.prompt_rows(tasks, cfg.eval_samples, tok, cfg.tool_budget, (EVAL_SEED, cfg.seed, "eval"),
                                   _shard(len(tasks)))
     generate(model, rows, tasks, tok, max_new=cfg.max_new_tokens, budget=cfg.tool_budget,
@@ -212,8 +236,8 @@ def backend_in_use(requested: str) -> str:
 def summarize(records: list[dict]) -> dict:
     """A run's summary from its metrics records (`Trainer.summary`; `appo-train report` rebuilds it from
     metrics.jsonl): held-out success, reward, tool calls and format rate before RL and at the last evaluation,
-    RL steps, generated tokens, RL wall time (the steps' own times), the mean share of post-answer forks and the
-    appo_kernels backend of the last step."""
+    RL steps, generated tokens, RL wall time (the steps' own times), the mean shares of post-answer and decision
+    forks, and the appo_kernels backend of the last step."""
     first, last = records[0], records[-1]
     last_eval = next(r for r in reversed(records) if "eval_success" in r)
     return {"algo": last["algo"], "seed": last["seed"], "steps": last["step"], "gen_tokens": last["gen_tokens"],
@@ -221,7 +245,8 @@ def summarize(records: list[dict]) -> dict:
             "success_before": first["eval_success"], "success": last_eval["eval_success"],
             "reward_before": first["eval_reward"], "reward": last_eval["eval_reward"],
             "tool_calls": last_eval["eval_tool_calls"], "format": last_eval["eval_format"],
-            "post_answer_forks": _mean(r.get("post_answer_forks") for r in records), "backend": last["backend"]}
+            "post_answer_forks": _mean(r.get("post_answer_forks") for r in records),
+            "decision_forks": _mean(r.get("decision_forks") for r in records), "backend": last["backend"]}
 
 
 def _trajectory(config: dict) -> dict:
@@ -353,7 +378,7 @@ class Trainer:
         the result is the single-process one for the same seed (up to float rounding)."""
         cfg, step = self.cfg, self.step
         rng = seeding.rng(cfg.seed, step, "tasks")
-        tasks = [make_task(rng) for _ in range(cfg.prompts_per_step)]
+        tasks = [make_task(rng, cfg.task) for _ in range(cfg.prompts_per_step)]
         omega_model = {"prev_policy": self.prev, "reference": self.ref, "behavior": None}[cfg.omega_source]
         batch = algorithms.collect(cfg.algo, cfg, self.model, tasks, self.tok, (cfg.seed, step),
                                    _shard(len(tasks)), omega_model)
@@ -370,20 +395,21 @@ class Trainer:
         initial = batch.gen_mask & ~batch.is_branch[:, None]
         sc = batch.scores
         (rows, new_tokens, reward, success, calls, fmt, ent_sum, ent_n, branches, cand, eligible, forks,
-         wasted) = all_sum([
+         wasted, decisive) = all_sum([
             len(batch.rows),
             sum(r.num_generated - (0 if r.parent < 0 else sum(k == GEN for k in r.kinds[:r.split + 1]))
                 for r in batch.rows),
             float(batch.rewards.sum()), sum(e.success for e in batch.episodes), sum(r.calls for r in batch.rows),
             sum(e.well_formed for e in batch.episodes), float(behaviour.entropy[initial].sum()), int(initial.sum()),
             int(batch.is_branch.sum()), 0 if sc is None else int(sc.candidate.sum()),
-            0 if sc is None else int(torch.isfinite(sc.score).sum()), len(batch.forks), self._post_answer(batch)])
+            0 if sc is None else int(torch.isfinite(sc.score).sum()), len(batch.forks), *self._fork_places(batch)])
         self.gen_tokens += int(new_tokens)
         record = {"algo": cfg.algo, "seed": cfg.seed, "step": self.step, "gen_tokens": self.gen_tokens,
                   "reward": reward / rows, "success": success / rows, "tool_calls": calls / rows,
                   "entropy": ent_sum / ent_n if ent_n else None, "format": fmt / rows, "branches": int(branches),
                   "candidate_share": cand / eligible if sc is not None and eligible else None,
-                  "post_answer_forks": wasted / forks if forks else None, "ranks": self.world_size,
+                  "post_answer_forks": wasted / forks if forks else None,
+                  "decision_forks": decisive / forks if forks else None, "ranks": self.world_size,
                   "backend": self.backend, **losses}
         return record, batch, adv
 
@@ -428,17 +454,23 @@ class Trainer:
             n += 1
         return {k: v / max(n, 1) for k, v in sums.items()}
 
-    def _post_answer(self, batch: StepBatch) -> int:
-        """How many forks were placed after the answer was complete (on the sign-off decoy or the space before
-        it): a branch from there can only re-sample what does not matter."""
+    def _fork_places(self, batch: StepBatch) -> tuple[int, int]:
+        """How many forks sit (1) after the answer was complete (on the sign-off decoy or the space before it):
+        a branch from there can only re-sample what does not matter; (2) on a token that decides the outcome
+        (`tasks.decision_positions`: a tool name, a key, an operand or operator, the answer's value)."""
         space = self.tok.encode(" ")[0]
-        wasted = 0
+        wasted = decisive = 0
+        decisions: dict[int, set[int]] = {}
         for i, t in batch.forks:
-            toks = batch.rows[i].tokens
+            r = batch.rows[i]
+            toks = r.tokens
             ans = max((j for j, x in enumerate(toks) if x == self.tok.ans_id), default=None)
             sign = next((j for j in range(ans, len(toks)) if toks[j] == space), None) if ans is not None else None
             wasted += sign is not None and t >= sign
-        return wasted
+            if i not in decisions:
+                decisions[i] = decision_positions([self.tok.token_text(x) for x in toks[r.prompt_len:]])
+            decisive += t - r.prompt_len in decisions[i]
+        return wasted, decisive
 
     # --- report material ---------------------------------------------------------------------------------
     def _save_samples(self, batch: StepBatch, adv: torch.Tensor) -> None:
