@@ -1,6 +1,7 @@
 """The TRL adapter end to end on CPU: a tiny Qwen2 built from a config (no download) trained for a few steps by
 APPOTrainer; the rollout tree, the per-token advantages and the loss are checked against the float64 oracle."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ datasets = pytest.importorskip("datasets")
 import oracle
 from transformers import AutoTokenizer
 from helpers import run_docs_example
-from appo_kernels.integrations.trl import APPOConfig, APPOTrainer, _num_groups
+from appo_kernels.branch_points import ForkRequest
+from appo_kernels.integrations.trl import APPOConfig, APPOTrainer, _num_groups, _Rollout
 
 CHARS = "abcdefghij +=?"
 PROMPTS = ["a+b=", "c+d=", "e+f=", "g+h="]
@@ -43,11 +45,17 @@ def a_fraction(completions, **_):
 
 
 class Recorder(APPOTrainer):
-    """Keeps what the reward function saw, each generation batch, and each loss with its inputs."""
+    """Keeps what the reward function saw, each generation batch, each round's scores of the initial rollouts
+    (with the top-k a topk branch picks from), and each loss with its inputs."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.batches, self.losses = [], []
+        self.batches, self.losses, self.scores = [], [], []
+
+    def _score_initial(self, *args):
+        scores = super()._score_initial(*args)
+        self.scores.append(scores)
+        return scores
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
@@ -117,6 +125,102 @@ def test_branches_fork_from_their_parents_and_get_procedure_advantages(model_dir
         varied += sum(len(set(a for a, m in zip(row, lm) if m)) > 1
                       for row, lm in zip(expected["advantages"], expected["loss_mask"]))
     assert forked and varied, "no branch was forked or no advantage varied along a rollout: the test checks nothing"
+
+
+def without_substituted(tree, mask_rows):
+    """The adapter's choice for a topk branch's substituted token (at split + 1): not trained, so out of the
+    mask the oracle's advantages are computed on (as a tool token is)."""
+    return [[bool(m) and not (p >= 0 and t == s + 1) for t, m in enumerate(row)]
+            for row, p, s in zip(mask_rows, tree["appo_parent"], tree["appo_split"])]
+
+
+def check_topk_forks(trainer, choice, size=4, num_initial=2) -> list[int]:
+    """Each branch of a topk round holds its parent's tokens 0..t-1, at t an alternative from the top-k of the
+    scoring pass (the most likely one other than the parent's token for "best", one of the others for
+    "sample"), then a continuation sampled from t + 1 unless that token ended the completion. Returns the fork
+    positions t."""
+    positions = []
+    assert len(trainer.scores) == len(trainer.batches)
+    for (tree, out), scores in zip(trainer.batches, trainer.scores):
+        ids, lengths = out["completion_ids"], out["completion_mask"].sum(1)
+        for r, p in enumerate(tree["appo_parent"]):
+            if p < 0:
+                continue
+            t = tree["appo_split"][r] + 1
+            positions.append(t)
+            assert torch.equal(ids[r, :t], ids[p, :t])                 # the shared prefix, up to t - 1
+            top = scores.topk_ids[p // size * num_initial + p % size, t].tolist()
+            others = [v for v in top if v != int(ids[p, t])]
+            token = int(ids[r, t])
+            assert len(top) == trainer.args.appo_branch_topk and token != int(ids[p, t]) and token in others
+            if choice == "best":
+                assert token == others[0]
+            if token in trainer.eos_token_ids:
+                assert int(lengths[r]) == t + 1                        # the substitute ended the completion
+            else:
+                assert int(lengths[r]) > t + 1                         # then a fresh continuation
+    return positions
+
+
+class FirstTokenRecorder(Recorder):
+    """Scores the first completion token of each group's first initial rollout above everything else (where it
+    is eligible) and makes the second's ineligible (it would come next: the first token's entropy is the same
+    in every rollout of a prompt, and often the highest), so that each group forks once at t = 0 and once
+    later."""
+
+    def _score_initial(self, *args):
+        scores = super()._score_initial(*args)
+        score, candidate = scores.score.clone(), scores.candidate.clone()
+        first = torch.isfinite(score[::2, 0])
+        score[::2, 0] = torch.where(first, score[torch.isfinite(score)].max() + 1, score[::2, 0])
+        candidate[::2, 0] |= first
+        score[1::2, 0] = float("-inf")
+        return scores._replace(score=score, candidate=candidate)
+
+
+@pytest.mark.parametrize("choice", ["best", "sample"])
+def test_topk_branches_replace_the_fork_token_and_do_not_train_it(model_dir, tmp_path, choice):
+    trainer = train(model_dir, tmp_path, trainer_cls=FirstTokenRecorder, appo_branch_mode="topk",
+                    appo_topk_choice=choice, appo_train_branches=True, num_iterations=2, beta=0.05)
+    positions = check_topk_forks(trainer, choice)
+    assert 0 in positions and max(positions) > 0, "no fork at t = 0 or none later: the test checks less"
+    for tree, out in trainer.batches:
+        parent, split = tree["appo_parent"], tree["appo_split"]
+        cmask = out["completion_mask"].bool()
+        loss_mask = out["tool_mask"].bool()
+        for r, p in enumerate(parent):
+            if p >= 0:     # the substituted token is not trained; the continuation after it is (train_branches)
+                t = split[r] + 1
+                assert not loss_mask[r, t] and out["advantages"][r, t] == 0
+                assert torch.equal(loss_mask[r, t + 1:], cmask[r, t + 1:])
+        # the step's advantages: the float64 oracle, split = t - 1 (-1 at t = 0: no completion token shared)
+        texts = trainer.processing_class.batch_decode(out["completion_ids"], skip_special_tokens=True)
+        expected = oracle.procedure_advantages(a_fraction(texts), [r // 4 for r in range(8)], parent, split,
+                                               without_substituted(tree, cmask.tolist()),
+                                               branch_score=tree["appo_branch_score"], branch_strength_scaling=True,
+                                               train_branches=True)
+        torch.testing.assert_close(out["advantages"].double(), torch.tensor(expected["advantages"],
+                                   dtype=torch.float64), rtol=1e-5, atol=1e-5)
+        assert torch.equal(loss_mask, torch.tensor(expected["loss_mask"]))
+    check_losses(trainer)
+
+
+def test_a_fork_keeps_the_parents_sampler_log_probs_up_to_its_token():
+    parent = _Rollout()
+    parent.extend([5, 6, 7], 1, [-0.1, -0.2, -0.3])
+    resample = parent.fork(ForkRequest(group=0, slot=0, rollout=0, position=1, token=6, split=1, score=1.0))
+    assert resample.ids == [5, 6] and resample.logprobs == [-0.1, -0.2]
+    topk = parent.fork(ForkRequest(group=0, slot=0, rollout=0, position=1, token=9, split=0, score=1.0))
+    # the substitute was not sampled: no sampler log-prob (NaN, which TRL's importance sampling leaves out)
+    assert topk.ids == [5, 9] and topk.model == [1, 1] and topk.logprobs[0] == -0.1 and math.isnan(topk.logprobs[1])
+
+
+def test_a_substitute_that_ends_the_completion_is_not_continued(model_dir, tmp_path):
+    trainer = train(model_dir, tmp_path, steps=0, appo_branch_mode="topk")
+    head, fresh = _Rollout(), _Rollout()
+    head.extend([2, 3, 1], 1, None)                  # a branch whose substituted token is <eos>
+    done = trainer._roll([[4, 5], [4, 5]], [head, fresh], 1)
+    assert done[0].ids == [2, 3, 1] and len(done[1].ids) > 0
 
 
 def check_losses(trainer, accumulation=1, kl_coef=0.05) -> list[tuple[float, int]]:
@@ -211,6 +315,10 @@ def test_two_processes_each_fork_and_score_their_own_groups(model_dir, tmp_path)
 
 @pytest.mark.parametrize("bad, match", [
     (dict(appo_omega_source="prev"), "appo_omega_source: expected one of"),
+    (dict(appo_branch_mode="contrastive"), r"appo_branch_mode: expected one of \('resample', 'topk'\)"),
+    (dict(appo_topk_choice="first"), r"appo_topk_choice: expected one of \('best', 'sample'\)"),
+    (dict(appo_branch_topk=1), "appo_branch_topk: expected an int >= 2"),
+    (dict(appo_branch_topk=True), "appo_branch_topk: expected an int >= 2"),
     (dict(appo_omega_source="behavior"), "use_vllm"),
     (dict(appo_omega_source="reference", beta=0.0), "beta > 0"),
     (dict(appo_num_initial=4), r"appo_num_initial: expected an int in \[1, num_generations - 1 = 3\]"),
@@ -291,4 +399,5 @@ def test_a_reward_of_none_adds_nothing_unless_every_function_returns_it(model_di
 def test_the_docs_example_runs():
     out = run_docs_example("trl.md")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "appo/forked_fraction" in out.stdout
+    for mode in ("resample", "topk"):
+        assert any(line.startswith(mode) and "appo/forked_fraction" in line for line in out.stdout.splitlines())

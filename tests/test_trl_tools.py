@@ -15,8 +15,8 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 import oracle  # noqa: E402
-from test_trl import Recorder, _rows, check_losses  # noqa: E402
-from appo_kernels.integrations.trl import APPOConfig, APPOTrainer  # noqa: E402
+from test_trl import Recorder, _rows, check_losses, check_topk_forks, without_substituted  # noqa: E402
+from appo_kernels.integrations.trl import APPOConfig, APPOTrainer, _Rollout  # noqa: E402
 
 
 def add(a: int, b: int) -> int:
@@ -99,6 +99,12 @@ def final_answer(completions, **_):
                   and c[-1]["content"].strip() == c[-2]["content"]) for c in completions]
 
 
+def answer_and_rounds(completions, **_):
+    """`final_answer` plus 0.1 per tool round: partial credit, so that rewards vary within a group even in a
+    round where no rollout states the result (a topk branch's substitute often breaks a call)."""
+    return [a + 0.1 * _tool_rounds(c) for a, c in zip(final_answer(completions), completions)]
+
+
 class ToolRecorder(Recorder):
     """Also keeps what `_tool_call_loop` handed TRL (policy-token masks, messages, counts)."""
 
@@ -121,7 +127,7 @@ def train_tools(tool_model, tmp_path, budget, steps, **config):
                     max_completion_length=64, max_steps=steps, logging_steps=1, report_to="none", use_cpu=True,
                     seed=0, save_strategy="no", learning_rate=1e-3, disable_tqdm=True,
                     max_tool_calling_iterations=budget)
-    trainer = ToolRecorder(model=path, reward_funcs=final_answer, args=APPOConfig(**(settings | config)),
+    trainer = ToolRecorder(model=path, reward_funcs=answer_and_rounds, args=APPOConfig(**(settings | config)),
                            tools=[add], processing_class=tok,
                            train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}))
     trainer.train()
@@ -147,8 +153,12 @@ def _check_tool_results(messages, model_row, budget):
     assert _tool_spans(model_row) == _tool_rounds(messages) <= budget
 
 
-def test_tool_rollouts_fork_in_later_turns_and_train_on_the_oracle(tool_model, tmp_path):
-    trainer = train_tools(tool_model, tmp_path, budget=2, steps=6, num_iterations=2, beta=0.05)
+@pytest.mark.parametrize("mode", ["resample", "topk"])
+def test_tool_rollouts_fork_in_later_turns_and_train_on_the_oracle(tool_model, tmp_path, mode):
+    trainer = train_tools(tool_model, tmp_path, budget=2, steps=6, num_iterations=2, beta=0.05,
+                          appo_branch_mode=mode)
+    if mode == "topk":
+        check_topk_forks(trainer, "best")
     tok = tool_model[1]
     later = varied = 0
     for (tree, out), result in zip(trainer.batches, trainer.tool_results):
@@ -160,20 +170,23 @@ def test_tool_rollouts_fork_in_later_turns_and_train_on_the_oracle(tool_model, t
             if p < 0:
                 continue
             s = split[r]
-            assert torch.equal(ids[r, :s + 1], ids[p, :s + 1]) and model_rows[r][:s + 1] == model_rows[p][:s + 1]
-            assert model_rows[p][s] == 1                         # forks at the policy's own tokens only
-            reused = _tool_spans(model_rows[p][:s + 1])
+            t = s + (mode == "topk")                             # the fork token
+            assert torch.equal(ids[r, :s + 1], ids[p, :s + 1]) and model_rows[r][:t + 1] == model_rows[p][:t + 1]
+            assert model_rows[p][t] == 1                         # forks at the policy's own tokens only
+            reused = _tool_spans(model_rows[p][:t])
             if reused:                                           # a fork inside a later turn
                 later += 1
                 # the prefix's tool results are reused as they were, not run again
-                prefix_text = tok.decode(ids[p, :s + 1])
+                prefix_text = tok.decode(ids[p, :t])
                 assert prefix_text.count("<tool_response>") == reused
                 tools_p = [m for m in messages[p] if m["role"] == "tool"][:reused]
                 assert [m for m in messages[r] if m["role"] == "tool"][:reused] == tools_p
-        # tool tokens carry no loss, and the advantages are the float64 oracle's on what the rewards saw
+        # tool tokens (and a topk branch's substituted token) carry no loss, and the advantages are the float64
+        # oracle's on what the rewards saw
         policy = torch.tensor([row + [1] * (ids.shape[1] - len(row)) for row in model_rows]).bool() & cmask
-        expected = oracle.procedure_advantages(final_answer(messages), [r // 4 for r in range(8)], parent,
-                                               split, [_rows(m) for m in policy],
+        expected = oracle.procedure_advantages(answer_and_rounds(messages), [r // 4 for r in range(8)], parent,
+                                               split, without_substituted(tree, policy.tolist()) if mode == "topk"
+                                               else [_rows(m) for m in policy],
                                                branch_score=tree["appo_branch_score"], branch_strength_scaling=True)
         torch.testing.assert_close(out["advantages"].double(), torch.tensor(expected["advantages"],
                                    dtype=torch.float64), rtol=1e-5, atol=1e-5)
@@ -187,10 +200,13 @@ def test_tool_rollouts_fork_in_later_turns_and_train_on_the_oracle(tool_model, t
     assert len(calls) == 3 and min(calls) > 0                  # TRL's tool metrics, from the hook's counts
 
 
-def test_the_tool_budget_counts_the_calls_in_a_branch_prefix(tool_model, tmp_path):
+@pytest.mark.parametrize("mode", ["resample", "topk"])
+def test_the_tool_budget_counts_the_calls_in_a_branch_prefix(tool_model, tmp_path, mode):
     # budget 1: the model wants a second call in its second turn; a branch forked after the first round may not
     # make it either, since the round in its prefix counts
-    trainer = train_tools(tool_model, tmp_path, budget=1, steps=2, beta=0.0)
+    trainer = train_tools(tool_model, tmp_path, budget=1, steps=2, beta=0.0, appo_branch_mode=mode)
+    if mode == "topk":
+        check_topk_forks(trainer, "best")
     refused = 0
     for (tree, _), result in zip(trainer.batches, trainer.tool_results):
         model_rows, messages = result[0], result[1]
@@ -209,6 +225,27 @@ def test_the_tool_budget_counts_the_calls_in_a_branch_prefix(tool_model, tmp_pat
     assert sum(_tool_rounds(m) for m in messages) > 0
     for m, row in zip(messages, model_rows):
         _check_tool_results(m, row, budget=1)
+
+
+def test_a_substitute_that_ends_a_turn_runs_its_tool_calls_and_goes_on(tool_model, tmp_path):
+    # a topk branch whose substituted token is <|im_end|> right after a complete tool call: the turn is over,
+    # its call runs, and the branch continues with the next turn
+    path, tok = tool_model
+    args = APPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=64, max_tool_calling_iterations=2, report_to="none", use_cpu=True,
+                      appo_branch_mode="topk")
+    trainer = APPOTrainer(model=path, reward_funcs=final_answer, args=args, tools=[add], processing_class=tok,
+                          train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}))
+    chat = _transcript(3, 4, 5)
+    prompt = tok.apply_chat_template(chat[:1], tools=[add], add_generation_prompt=True, return_dict=False)
+    full = tok.apply_chat_template(chat, tools=[add], return_dict=False)
+    first_turn = full[len(prompt):full.index(tok.eos_token_id, len(prompt)) + 1]
+    head = _Rollout()
+    head.extend(first_turn, 1, None)
+    done, = trainer._roll([prompt], [head], 1)
+    assert done.ids[:len(first_turn)] == first_turn and done.messages[1] == {"role": "tool", "name": "add",
+                                                                            "content": "7"}
+    assert done.model[len(first_turn)] == 0 and done.model[-1] == 1    # the result, then the policy's next turn
 
 
 def test_tools_errors(tool_model, tmp_path):

@@ -11,9 +11,12 @@ What changes against GRPO (see docs/trl.md; "method §n" is a section of docs/me
 - Rollouts go through TRL's rollout hook (`rollout_func`), driving TRL's own generation backend
   (`transformers.generate` or vLLM): per prompt, `appo_num_initial` initial rollouts are sampled; each is
   scored with `appo_kernels.branching_score` on the trainer's logits (Omega from `appo_omega_source`); the
-  group's fork points come from `appo_kernels.select_branch_points`; the other `num_generations -
-  appo_num_initial` rows are branches that keep the parent's completion up to and including the fork token
-  and sample a fresh continuation. A group with no usable fork point fills its slots with fresh rollouts.
+  group's fork points come from `appo_kernels.select_branch_points` and become branches through
+  `appo_kernels.fork_requests` (one host copy); the other `num_generations - appo_num_initial` rows are
+  branches: with `appo_branch_mode="resample"` they keep the parent's completion up to and including the fork
+  token t and sample a fresh continuation; with `"topk"` (contrastive) they keep tokens 0..t-1, put an
+  alternative from the policy's top-k at t, and sample from t + 1 (that substituted token is left out of the
+  loss). A group with no usable fork point fills its slots with fresh rollouts.
 - Advantages are per token, `[B, T]`, from `appo_kernels.procedure_advantages` (dual-group normalisation,
   prefix credit from the branches that share each token, optional branch-strength scaling); branch rows leave
   the loss unless `appo_train_branches`.
@@ -46,8 +49,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .. import (branching_score, future_kl_weights, policy_loss, procedure_advantages, select_branch_points,
-                token_stats)
+from .. import (branching_score, fork_requests, future_kl_weights, policy_loss, procedure_advantages,
+                select_branch_points, token_stats)
+from ..branch_points import FORK_MODES, TOPK_CHOICES, ForkRequest
 
 # The adapter overrides and calls private GRPOTrainer methods, which TRL changes between minor releases: it is
 # tested with these releases only, and importing it checks the installed TRL against them (`check_trl`).
@@ -161,6 +165,18 @@ class APPOConfig(_trl.GRPOConfig):
                 "or 'none' (the entropy-only ablation)."})
     appo_branch_strength_scaling: bool = field(default=True, metadata={
         "help": "Scale advantages before each fork by its Branching Score (method §5, M)."})
+    appo_branch_mode: str = field(default="resample", metadata={
+        "help": "How a branch forks at token t (method §4): 'resample' keeps tokens 0..t and samples from t + 1; "
+                "'topk' (contrastive) keeps tokens 0..t-1, replaces token t by another of the policy's top "
+                "appo_branch_topk tokens there (appo_topk_choice), and samples from t + 1. The substituted token "
+                "was not sampled from the policy and is left out of the loss."})
+    appo_topk_choice: str = field(default="best", metadata={
+        "help": "With appo_branch_mode='topk': 'best' takes the most likely top-k token other than token t, "
+                "'sample' draws one from the top-k probabilities renormalised without it (torch's global RNG, "
+                "which TRL seeds)."})
+    appo_branch_topk: int = field(default=4, metadata={
+        "help": "With appo_branch_mode='topk': k (>= 2) of the top-k the alternatives come from, computed by "
+                "branching_score in the scoring pass."})
     appo_train_branches: bool = field(default=False, metadata={
         "help": "Train branch continuations with their own group advantage (method §5 option)."})
     appo_loss: bool = field(default=True, metadata={
@@ -186,6 +202,14 @@ class APPOConfig(_trl.GRPOConfig):
     def _check_appo(self) -> None:
         if self.appo_omega_source not in OMEGA_SOURCES:
             raise ValueError(f"appo_omega_source: expected one of {OMEGA_SOURCES}, got {self.appo_omega_source!r}")
+        if self.appo_branch_mode not in FORK_MODES:
+            raise ValueError(f"appo_branch_mode: expected one of {FORK_MODES}, got {self.appo_branch_mode!r}")
+        if self.appo_topk_choice not in TOPK_CHOICES:
+            raise ValueError(f"appo_topk_choice: expected one of {TOPK_CHOICES}, got {self.appo_topk_choice!r}")
+        k = self.appo_branch_topk
+        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 2):
+            raise ValueError(f"appo_branch_topk: expected an int >= 2 (the parent's token and at least one "
+                             f"alternative), got {k!r}")
         if not self.num_generations >= 3:
             raise ValueError(f"num_generations: APPO needs at least 3 rollouts per prompt; with {self.num_generations} "
                              f"every (prompt, initial/branch) group holds at most one rollout, so every dual-group "
@@ -258,12 +282,28 @@ class _Rollout:
         self.model += [model] * len(ids)
         self.logprobs = None if logprobs is None or self.logprobs is None else self.logprobs + list(logprobs)
 
-    def head(self, t: int) -> _Rollout:
-        """A branch's start: tokens 0..t, earlier tool results included (reused, not run again), and the turns
-        before the one that holds t (which the branch finishes)."""
+    def fork(self, request: ForkRequest) -> _Rollout:
+        """A branch's start (`fork_requests`): tokens 0..t-1, earlier tool results included (reused, not run
+        again), then the request's token at t, and the turns before the one that holds t (which the branch
+        finishes). The token at t is the parent's own (mode "resample": its sampler log-prob is kept) or a
+        substitute (mode "topk": not sampled, so no sampler log-prob; NaN, which TRL's importance sampling
+        treats as unavailable)."""
+        t = request.position
         turns = [turn for turn in self.turns if turn.start <= t]
-        return _Rollout(self.ids[:t + 1], self.model[:t + 1], None if self.logprobs is None else self.logprobs[:t + 1],
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = self.logprobs[:t] + [self.logprobs[t] if request.split == t else float("nan")]
+        return _Rollout(self.ids[:t] + [request.token], self.model[:t + 1], logprobs,
                         self.messages[:turns[-1].messages], turns)
+
+
+class _Scores(NamedTuple):
+    """The initial rollouts' Branching Score and candidates `[R, T]`, and top-k ids / log-probs `[R, T, k]`
+    (k = 0 in resample mode)."""
+    score: Tensor
+    candidate: Tensor
+    topk_ids: Tensor
+    topk_logp: Tensor
 
 
 def _num_groups(prompts: list, group_size: int) -> int:
@@ -282,7 +322,8 @@ class APPOTrainer(_trl.GRPOTrainer):
     Takes GRPOTrainer's arguments with `args` an `APPOConfig`. Extra fields the rollout hook returns reach the
     reward functions as keyword arguments, one value per completion: `appo_parent` (row of the parent in the
     process's batch, -1 for an initial rollout), `appo_split` (last completion position shared with the
-    parent) and `appo_branch_score` (the fork token's Branching Score).
+    parent: the fork token t in mode "resample", t - 1 in mode "topk", so -1 for a topk branch forked at the
+    first completion token) and `appo_branch_score` (the fork token's Branching Score).
     """
 
     def __init__(self, model, reward_funcs, args: APPOConfig | None = None, *pos, rollout_func=None, **kwargs):
@@ -344,26 +385,24 @@ class APPOTrainer(_trl.GRPOTrainer):
         groups = _num_groups(prompts, size)
         initial = [g * size + j for g in range(groups) for j in range(n_init)]
         init = self._roll([prompt_ids[r] for r in initial], [_Rollout() for _ in initial], 1)
-        score, candidate = self._score_initial([prompt_ids[r] for r in initial], init)
+        tokens = _pad_rows([r.ids for r in init], self._tokenizer.pad_token_id)
+        scores = self._score_initial([prompt_ids[r] for r in initial], init, tokens)
         group = torch.arange(len(initial)) // n_init
-        bp = select_branch_points(score, candidate, group, size - n_init, num_groups=groups,
+        bp = select_branch_points(scores.score, scores.candidate, group, size - n_init, num_groups=groups,
                                   max_len=self.max_completion_length)
+        requests = fork_requests(bp, tokens, mode=self.args.appo_branch_mode, topk_ids=scores.topk_ids,
+                                 topk_logp=scores.topk_logp, choice=self.args.appo_topk_choice).tolist()
 
         done = [None] * rows
         for k, r in enumerate(initial):
             done[r] = init[k]
-        slots, heads = [], []
-        for g in range(groups):
-            for j in range(size - n_init):
-                r = g * size + n_init + j
-                slots.append(r)
-                if bool(bp.valid[g, j]):
-                    k, t = int(bp.rollout[g, j]), int(bp.position[g, j])
-                    parent[r], split[r], strength[r] = initial[k], t, float(bp.score[g, j])
-                    heads.append(init[k].head(t))
-                else:                               # no usable fork point in this group: a fresh rollout
-                    heads.append(_Rollout())
-        for r, rollout in zip(slots, self._roll([prompt_ids[r] for r in slots], heads, 1)):
+        slots = [g * size + j for g in range(groups) for j in range(n_init, size)]
+        heads = {r: _Rollout() for r in slots}      # a slot without a fork point: a fresh rollout
+        for q in requests:
+            r = q.group * size + n_init + q.slot
+            parent[r], split[r], strength[r] = initial[q.rollout], q.split, q.score
+            heads[r] = init[q.rollout].fork(q)
+        for r, rollout in zip(slots, self._roll([prompt_ids[r] for r in slots], [heads[r] for r in slots], 1)):
             done[r] = rollout
         self._log_rollout_metrics(bp)
         return self._rollout_output(prompt_ids, done, parent, split, strength)
@@ -381,21 +420,27 @@ class APPOTrainer(_trl.GRPOTrainer):
         run its tool calls, append the results as tool tokens, generate the next turn), within
         `max_tool_calling_iterations` tool rounds counted from the start of the completion, so a branch's prefix
         spends the budget too. `num_generations` is for the first call only (TRL's vLLM server mode groups
-        identical prompts); later turns differ per row."""
+        identical prompts); later turns differ per row. A head that ends its turn already (a topk branch whose
+        substituted token is an end-of-turn id) goes on only to run that turn's tool calls."""
         limit = self.max_completion_length
-        active = [i for i, r in enumerate(rollouts) if len(r.ids) < limit]
+        active = [i for i, r in enumerate(rollouts)
+                  if self._goes_on(prompt_ids[i], r, turn_done=bool(r.ids) and r.ids[-1] in self.eos_token_ids)]
         while active:
             new_ids, new_logps = self._generate_single_turn([prompt_ids[i] + rollouts[i].ids for i in active],
                                                             None, {}, num_generations)
-            num_generations, turns = 1, []
+            num_generations = 1
             for n, i in enumerate(active):
-                rollout = rollouts[i]
-                keep = limit - len(rollout.ids)     # the first `keep` samples are what max_len would give
-                rollout.extend(list(new_ids[n][:keep]), 1, None if new_logps is None else new_logps[n][:keep])
-                if self.tools and self._take_turn(prompt_ids[i], rollout):
-                    turns.append(i)
-            active = [i for i in turns if len(rollouts[i].ids) < limit]
+                keep = limit - len(rollouts[i].ids)   # the first `keep` samples are what max_len would give
+                rollouts[i].extend(list(new_ids[n][:keep]), 1, None if new_logps is None else new_logps[n][:keep])
+            active = [i for i in active if self._goes_on(prompt_ids[i], rollouts[i], turn_done=True)]
         return rollouts
+
+    def _goes_on(self, prompt_ids: list[int], rollout: _Rollout, turn_done: bool) -> bool:
+        """Whether `_roll` generates again for a rollout: room left, and its last turn open or (with tools)
+        followed by that turn's tool results (`_take_turn`, which also records a done turn's message)."""
+        if turn_done and not (self.tools and self._take_turn(prompt_ids, rollout)):
+            return False
+        return len(rollout.ids) < self.max_completion_length
 
     def _take_turn(self, prompt_ids: list[int], rollout: _Rollout) -> bool:
         """Parse the rollout's last assistant turn; if it calls tools within the budget and the results fit, run
@@ -459,19 +504,20 @@ class APPOTrainer(_trl.GRPOTrainer):
         with torch.no_grad(), self.accelerator.autocast():
             return model(input_ids=ids, attention_mask=attention, logits_to_keep=tokens.shape[1] + 1).logits[:, :-1]
 
-    def _score_initial(self, prompt_ids: list[list[int]], rollouts: list[_Rollout]) -> tuple[Tensor, Tensor]:
-        """Branching Score and candidates `[R, T]` (CPU) of the initial rollouts over the policy's own tokens
-        (tool results are context, not scored), in row chunks of `appo_score_batch_size` (the score is per
-        rollout, so chunking changes nothing)."""
+    def _score_initial(self, prompt_ids: list[list[int]], rollouts: list[_Rollout], tokens: Tensor) -> _Scores:
+        """Branching Score and candidates `[R, T]` (CPU) of the initial rollouts (`tokens`, their padded ids) over
+        the policy's own tokens (tool results are context, not scored), with the top-k the topk branch mode
+        picks from, in row chunks of `appo_score_batch_size` (the score is per rollout, so chunking changes
+        nothing)."""
         source = self.args.appo_omega_source
         policy = self.accelerator.unwrap_model(self.model)
         old_model = {"prev_policy": self._prev_policy, "reference": self.ref_model}.get(source)
-        tokens = _pad_rows([r.ids for r in rollouts], self._tokenizer.pad_token_id)
+        topk = self.args.appo_branch_topk if self.args.appo_branch_mode == "topk" else 0
         lengths = torch.tensor([len(r.ids) for r in rollouts])
         mask = _pad_rows([r.model for r in rollouts], 0).bool()
         eligible = mask & ~torch.isin(tokens, torch.tensor(self.eos_token_ids))
         behavior = None if rollouts[0].logprobs is None else _pad_rows([r.logprobs for r in rollouts], 0.0).float()
-        scores, candidates, omega_sum, with_omega = [], [], 0.0, False
+        parts, omega_sum, with_omega = [], 0.0, False
         chunk = self.args.appo_score_batch_size or self.args.per_device_train_batch_size
         dev = self.accelerator.device
         for lo in range(0, len(rollouts), chunk):
@@ -486,9 +532,8 @@ class APPOTrainer(_trl.GRPOTrainer):
                 logp_old = token_stats(old_logits, tok, mask=m, temperature=self.temperature,
                                        backend=self.args.appo_backend).logp
             bs = branching_score(logits, tok, logp_old, m, eligible=eligible[sl].to(dev),
-                                 temperature=self.temperature, backend=self.args.appo_backend)
-            scores.append(bs.score.float().cpu())
-            candidates.append(bs.candidate.cpu())
+                                 temperature=self.temperature, topk=topk, backend=self.args.appo_backend)
+            parts.append((bs.score.float(), bs.candidate, bs.topk_ids, bs.topk_logp))
             if bs.omega is not None:
                 omega_sum, with_omega = omega_sum + float((bs.omega * m).sum()), True
         if with_omega:
@@ -501,7 +546,7 @@ class APPOTrainer(_trl.GRPOTrainer):
                 self._prev_policy.__dict__.pop("forward", None)
             else:
                 self._prev_policy.load_state_dict(policy.state_dict())
-        return torch.cat(scores), torch.cat(candidates)
+        return _Scores(*(torch.cat(part).cpu() for part in zip(*parts)))
 
     def _log_rollout_metrics(self, bp) -> None:
         metrics = self._metrics["train"]
@@ -543,25 +588,35 @@ class APPOTrainer(_trl.GRPOTrainer):
             mask &= output["tool_mask"].bool()
         tree = {key: torch.tensor([x[key] for x in inputs], device=device)
                 for key in ("appo_parent", "appo_split", "appo_branch_score")}
+        if self.args.appo_branch_mode == "topk":
+            # A topk branch's token at split + 1 was put there by the fork rule, not sampled from the policy:
+            # like a tool result, it is context for its continuation and carries no advantage and no loss.
+            position = torch.arange(mask.shape[1], device=device)
+            mask &= ~((tree["appo_parent"] >= 0)[:, None] & (position == tree["appo_split"][:, None] + 1))
+        # Completion coordinates shifted by one: column 0 stands for the prompt (shared by every row, never
+        # trained), so a topk branch forked at the first completion token (split -1, no completion token shared
+        # with its parent) has its split there and gives its parent's completion no credit.
         adv = procedure_advantages(rewards.float(), torch.arange(rows, device=device) // size, tree["appo_parent"],
-                                   tree["appo_split"], mask, branch_score=tree["appo_branch_score"].float(),
+                                   tree["appo_split"] + 1, torch.nn.functional.pad(mask, (1, 0)),
+                                   branch_score=tree["appo_branch_score"].float(),
                                    scale_by_std=self.scale_rewards == "group",
                                    branch_strength_scaling=self.args.appo_branch_strength_scaling,
                                    train_branches=self.args.appo_train_branches, num_groups=rows // size,
                                    backend=self.args.appo_backend)
-        output["advantages"] = adv.advantages
-        output["tool_mask"] = adv.loss_mask.long()
-        output["num_items_in_batch"] = self.accelerator.gather(adv.loss_mask.sum()).sum()
+        advantages, loss_mask, multiplier = (x[:, 1:] for x in (adv.advantages, adv.loss_mask, adv.multiplier))
+        output["advantages"] = advantages
+        output["tool_mask"] = loss_mask.long()
+        output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
         # TRL's completions table logged GRPO's sequence advantages: show APPO's, as the mean over loss tokens.
-        per_row = (adv.advantages * adv.loss_mask).sum(1) / adv.loss_mask.sum(1).clamp(min=1)
+        per_row = (advantages * loss_mask).sum(1) / loss_mask.sum(1).clamp(min=1)
         logged = self._logs["advantages"]
         for _ in range(min(len(logged), rows * self.accelerator.num_processes)):
             logged.pop()
         logged.extend(self.accelerator.gather(per_row).tolist())
         if train:
-            initial = adv.loss_mask & (tree["appo_parent"] < 0)[:, None]
+            initial = loss_mask & (tree["appo_parent"] < 0)[:, None]
             self._metrics["train"]["appo/multiplier_mean"].append(
-                float(adv.multiplier[initial].mean()) if bool(initial.any()) else 1.0)
+                float(multiplier[initial].mean()) if bool(initial.any()) else 1.0)
         return output
 
     # ---------------------------------------------------------------------------------------------------------
