@@ -79,8 +79,10 @@ def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, spl
         group_ids: integer `[R]`, the prompt group of each rollout, in `[0, G)`.
         parent: integer `[R]`: -1 for an initial rollout, else the index of the initial rollout (same
             group) the branch was forked from.
-        split: integer `[R]`: for a branch, s_b, the last position it shares with its parent (ignored on
-            initial rows). Branch rows hold their whole response in the parent's position coordinates.
+        split: integer `[R]`: for a branch, s_b, the last position it shares with its parent, or -1 when it
+            shares none (a contrastive fork at the first position: no prefix credit, but it counts among the
+            parent's branches for M); ignored on initial rows. Branch rows hold their whole response in the
+            parent's position coordinates.
         mask: 0/1 per-token `[R, T]` (padded) or `[N]` with `cu_seqlens` (packed): generated tokens.
         branch_score: float `[R]`, BS_b of each branch (its split token's score); needed for
             `branch_strength_scaling`.
@@ -116,11 +118,13 @@ def procedure_advantages(rewards: Tensor, group_ids: Tensor, parent: Tensor, spl
     zero = torch.zeros((), dtype=dtype, device=device)
 
     # Each branch drops an impulse at (its parent, s_b); reverse scans turn them into prefix sums over t <= s_b.
-    # Index n is a sink: with value checks off, a parent or split out of range lands there (never outside).
+    # Index n is a sink: a branch that shares no token (split -1), or, with value checks off, a parent or split
+    # out of range, drops its impulse there (never outside, nor into a neighbouring rollout).
     n = lay.numel
     src = torch.where(is_branch, parent, 0).clamp(0, max(r - 1, 0))
     at = lay.cu_seqlens[src] + torch.where(is_branch, split, 0)
-    at = torch.where(is_branch & (at >= 0) & (at < n), at, n)
+    shares = is_branch & (split >= 0) & (split < lay.cu_seqlens[src + 1] - lay.cu_seqlens[src])
+    at = torch.where(shares, at, n)
 
     def impulses(values: Tensor) -> Tensor:
         return torch.zeros(n + 1, dtype=dtype, device=device).index_add_(0, at, torch.where(is_branch, values,
@@ -168,8 +172,8 @@ def _check_tree(parent: Tensor, split: Tensor, group_ids: Tensor, is_branch: Ten
         b = int(torch.nonzero(other_group)[0])
         raise ValueError(f"parent: expected a parent in the same group, but rollout {b} (group "
                          f"{int(group_ids[b])}) forks from {int(parent[b])} (group {int(group_ids[parent[b]])})")
-    out = is_branch & ((split < 0) | (split >= lengths[src]))
+    out = is_branch & ((split < -1) | (split >= lengths[src]))
     if bool(out.any()):
         b = int(torch.nonzero(out)[0])
-        raise ValueError(f"split: expected a position in [0, {int(lengths[parent[b]])}) of parent "
+        raise ValueError(f"split: expected -1 or a position in [0, {int(lengths[parent[b]])}) of parent "
                          f"{int(parent[b])}, got {int(split[b])} for rollout {b}")

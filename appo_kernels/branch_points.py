@@ -1,4 +1,4 @@
-"""Choosing branch points per prompt group (SPEC 4)."""
+"""Choosing branch points per prompt group (method §4)."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -178,7 +178,7 @@ def fork_requests(branch_points: BranchPoints, tokens: Tensor, *, mode: str = "r
                   topk_ids: Optional[Tensor] = None, topk_logp: Optional[Tensor] = None, choice: str = "best",
                   generator: Optional[torch.Generator] = None,
                   cu_seqlens: Optional[Tensor] = None) -> ForkRequests:
-    """The branches to generate at `branch_points` (SPEC 4): for each chosen token t of a parent rollout,
+    """The branches to generate at `branch_points` (method §4): for each chosen token t of a parent rollout,
     the branch's prefix and the token it places at t, on the device without a host sync (beyond the value
     checks, which `set_value_checks(False)` turns off); `ForkRequests.tolist()` then makes the one copy a
     rollout loop needs.
@@ -186,7 +186,8 @@ def fork_requests(branch_points: BranchPoints, tokens: Tensor, *, mode: str = "r
     - mode "resample": the branch keeps the parent's tokens 0..t (its token at t is the parent's own) and
       samples from t + 1; split = t.
     - mode "topk" (contrastive branch): the branch keeps tokens 0..t-1 and replaces the parent's token a_t by
-      an alternative from `topk_ids[t]`, then samples from t + 1; split = t - 1. Parent and branch differ
+      an alternative from `topk_ids[t]`, then samples from t + 1; split = t - 1 (-1 at t = 0, which
+      `procedure_advantages` takes as "shares no token"). Parent and branch differ
       exactly at the scored decision. `choice="best"`: the most likely top-k token other than a_t (the same
       token for every branch at t); `choice="sample"`: one drawn from the top-k probabilities
       (`topk_logp`) renormalised without a_t, with `generator`. The substituted token was not sampled

@@ -231,7 +231,7 @@ def random_tree(gen, G=3, n_init=3, n_branch=4, T=12):
         for _ in range(n_branch):
             p = init_ids[int(torch.randint(0, n_init, (1,), generator=gen))]
             Lp = spec[p][3]
-            s = int(torch.randint(0, Lp, (1,), generator=gen))
+            s = int(torch.randint(-1, Lp, (1,), generator=gen))      # -1: shares no token (a fork at t = 0)
             L = min(T, s + 1 + int(torch.randint(0, T, (1,), generator=gen)))
             spec.append((g, p, s, L))
     R = len(spec)
