@@ -565,7 +565,7 @@ def test_omega_with_and_without_token_ts_own_term_against_the_oracle(warm, own_t
         logits = token_logits(warm.model, tokens, attention).double()
         logp_old = algorithms.token_stats(prev, tokens, attention, gen, cfg.backend).logp.double()
     sc = algorithms.appo_scores(cfg, logits, tokens, attention, gen, eligible, logp_old)
-    st = ak.token_stats(logits, torch.where(gen, tokens, -100))
+    st = ak.token_stats(logits, tokens, mask=gen)
     ratio = torch.where(gen, st.logp - logp_old, 0.0)
     expect = _oracle_scores(st.entropy, ratio, eligible, own_term)
     assert (expect - _oracle_scores(st.entropy, ratio, eligible, not own_term)).nan_to_num().abs().max() > 0.1

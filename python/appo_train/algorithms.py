@@ -62,7 +62,7 @@ class StepBatch:
 def token_stats(model: torch.nn.Module, tokens: Tensor, attention: Tensor, mask: Tensor, backend: str):
     """`appo_kernels.token_stats` of the policy on the masked tokens (0 elsewhere): logp, entropy `[R, T]`."""
     logits = token_logits(model, tokens, attention)
-    return ak.token_stats(logits, torch.where(mask, tokens, -100), backend=backend)
+    return ak.token_stats(logits, tokens, mask=mask, backend=backend)
 
 
 def prompt_rows(tasks: list[Task], counts: int | dict[int, int], tok: CharTokenizer, budget: int, key: tuple,
@@ -122,8 +122,7 @@ def appo_scores(cfg, logits: Tensor, tokens: Tensor, attention: Tensor, gen_mask
     if logp_old is None or cfg.omega_own_term:
         return ak.branching_score(logits, tokens, logp_old, gen_mask, eligible=eligible, temperature=cfg.temperature,
                                   topk=topk, backend=cfg.backend)
-    st = ak.token_stats(logits, torch.where(gen_mask, tokens, -100), temperature=cfg.temperature, topk=topk,
-                        backend=cfg.backend)
+    st = ak.token_stats(logits, tokens, mask=gen_mask, temperature=cfg.temperature, topk=topk, backend=cfg.backend)
     ratio = torch.where(gen_mask, st.logp - logp_old, 0.0)
     later = torch.cat([ratio[:, 1:], ratio.new_zeros(len(ratio), 1)], 1)
     sc = ak.score_tokens(st.entropy, later, torch.zeros_like(later), attention.bool(), eligible=eligible & gen_mask,
@@ -155,7 +154,7 @@ def collect(algo: str, cfg, model, tasks: list[Task], tok: CharTokenizer, key: t
     with torch.no_grad():
         logits = token_logits(model, tokens, attention)
         if algo == "arpo":
-            entropy = ak.token_stats(logits, torch.where(gen_mask, tokens, -100), backend=cfg.backend).entropy
+            entropy = ak.token_stats(logits, tokens, mask=gen_mask, backend=cfg.backend).entropy
             forks = _arpo_forks(rows, kinds, entropy, n - n_init, key)
             slot = dict.fromkeys(groups, 0)
             extra = []
@@ -169,7 +168,7 @@ def collect(algo: str, cfg, model, tasks: list[Task], tok: CharTokenizer, key: t
             return _finish(tasks, rows, tok, forks=forks)
         logp_old = None                 # entropy-only: the ablation, and APPO's first step under prev_policy
         if algo == "appo" and cfg.omega_source == "behavior":
-            logp_old = ak.token_stats(logits, torch.where(gen_mask, tokens, -100), backend=cfg.backend).logp
+            logp_old = ak.token_stats(logits, tokens, mask=gen_mask, backend=cfg.backend).logp
         elif algo == "appo" and omega_model is not None:
             logp_old = token_stats(omega_model, tokens, attention, gen_mask, cfg.backend).logp
         scores = appo_scores(cfg, logits, tokens, attention, gen_mask, eligible, logp_old)
