@@ -593,17 +593,15 @@ class APPOTrainer(_trl.GRPOTrainer):
             # like a tool result, it is context for its continuation and carries no advantage and no loss.
             position = torch.arange(mask.shape[1], device=device)
             mask &= ~((tree["appo_parent"] >= 0)[:, None] & (position == tree["appo_split"][:, None] + 1))
-        # Completion coordinates shifted by one: column 0 stands for the prompt (shared by every row, never
-        # trained), so a topk branch forked at the first completion token (split -1, no completion token shared
-        # with its parent) has its split there and gives its parent's completion no credit.
+        # A topk branch forked at the first completion token has split -1: it shares no completion token with
+        # its parent, so it gives the parent's completion no credit (procedure_advantages' convention).
         adv = procedure_advantages(rewards.float(), torch.arange(rows, device=device) // size, tree["appo_parent"],
-                                   tree["appo_split"] + 1, torch.nn.functional.pad(mask, (1, 0)),
-                                   branch_score=tree["appo_branch_score"].float(),
+                                   tree["appo_split"], mask, branch_score=tree["appo_branch_score"].float(),
                                    scale_by_std=self.scale_rewards == "group",
                                    branch_strength_scaling=self.args.appo_branch_strength_scaling,
                                    train_branches=self.args.appo_train_branches, num_groups=rows // size,
                                    backend=self.args.appo_backend)
-        advantages, loss_mask, multiplier = (x[:, 1:] for x in (adv.advantages, adv.loss_mask, adv.multiplier))
+        advantages, loss_mask, multiplier = adv.advantages, adv.loss_mask, adv.multiplier
         output["advantages"] = advantages
         output["tool_mask"] = loss_mask.long()
         output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()

@@ -225,7 +225,8 @@ def advantages(algo: str, cfg, batch: StepBatch) -> tuple[Tensor, Tensor]:
         pos = torch.arange(gen.shape[1])
         loss_mask = gen & (pos[None, :] > batch.split[:, None])     # branches: only what they generated
         return torch.where(loss_mask, a_hat[:, None], 0.0), loss_mask
-    out = ak.procedure_advantages(batch.rewards, batch.group, batch.parent, batch.split.clamp(min=0), gen,
+    # split -1: a topk branch forked at the first generated token shares none of its parent's (no credit)
+    out = ak.procedure_advantages(batch.rewards, batch.group, batch.parent, batch.split, gen,
                                   branch_score=batch.branch_score,
                                   branch_strength_scaling=cfg.branch_strength_scaling,
                                   train_branches=cfg.train_branches, num_groups=num_groups, backend=cfg.backend)
