@@ -230,9 +230,13 @@ def advantages(algo: str, cfg, batch: StepBatch) -> tuple[Tensor, Tensor]:
                                   branch_score=batch.branch_score,
                                   branch_strength_scaling=cfg.branch_strength_scaling,
                                   train_branches=cfg.train_branches, num_groups=num_groups, backend=cfg.backend)
+    adv = out.advantages
+    if not cfg.prefix_credit:       # the ablation: each token keeps its own rollout's A_hat (times M on initial rows)
+        own = out.group_advantages[:, None] * torch.where(batch.is_branch[:, None], 1.0, out.multiplier)
+        adv = torch.where(out.loss_mask, own, 0.0)
     if not batch.substituted or cfg.train_substituted:
-        return out.advantages, out.loss_mask
+        return adv, out.loss_mask
     # A topk branch's token at split + 1 was put there, not sampled from the policy: out of the loss.
     pos = torch.arange(gen.shape[1])
     substituted = batch.is_branch[:, None] & (pos[None, :] == batch.split[:, None] + 1)
-    return torch.where(substituted, 0.0, out.advantages), out.loss_mask & ~substituted
+    return torch.where(substituted, 0.0, adv), out.loss_mask & ~substituted

@@ -99,6 +99,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-forks-after-answer", dest="forks_after_answer", action="store_const", const=False,
                    help="no APPO fork point after the first <ans> token (default off: any generated token, "
                         "the paper's)")
+    p.add_argument("--no-prefix-credit", dest="prefix_credit", action="store_const", const=False,
+                   help="ablation: an APPO token keeps its own rollout's advantage, without the mean over the "
+                        "branches that share it (default off: prefix credit, the paper's)")
+    p.add_argument("--no-future-kl", dest="future_kl", action="store_const", const=False,
+                   help="ablation: no future-KL weighting of APPO's advantages in the loss (default off: "
+                        "weighted, the paper's)")
     p.add_argument("--token-budget", dest="token_budget", type=int,
                    help=f"generated tokens of RL per run ({_default('token_budget')})")
     p.add_argument("--max-steps", dest="max_steps", type=int,

@@ -72,6 +72,7 @@ class TrainConfig:
     # switches whose defaults are the paper's (docs/trainer.md)
     omega_own_term: bool = True          # Omega sums the log-ratios of k >= t (False: k > t only)
     forks_after_answer: bool = True      # False: no fork point after the first <ans> token
+    prefix_credit: bool = True           # False: A_hat_i * M alone, no mean over the branches sharing token t
     # evaluation, samples, backend
     eval_every: int = 20
     eval_prompts: int = 512
