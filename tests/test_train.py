@@ -162,7 +162,7 @@ def warm(tmp_path_factory):
 def _collect(trainer, algo, omega_model=None, **over):
     cfg = replace(trainer.cfg, algo=algo, **over)
     tasks = [make_task(random.Random(11 + i)) for i in range(cfg.prompts_per_step)]
-    return cfg, algorithms.collect(algo, cfg, trainer.model, tasks, TOK, (0, 0), omega_model=omega_model)
+    return cfg, algorithms.algorithm(algo).collect(cfg, trainer.model, tasks, TOK, (0, 0), omega_model=omega_model)
 
 
 @pytest.mark.parametrize("algo", ["appo", "appo-entropy"])
@@ -179,7 +179,7 @@ def test_appo_rollout_trees(warm, algo):
         assert b.parent == i and b.split == t and b.task == parent.task
         assert b.tokens[:t + 1] == parent.tokens[:t + 1] and b.kinds[:t + 1] == parent.kinds[:t + 1]
         assert parent.kinds[t] == GEN and bool(eligible[i, t])
-    adv, loss_mask = algorithms.advantages(algo, replace(cfg, train_branches=False), batch)
+    adv, loss_mask = algorithms.algorithm(algo).advantages(replace(cfg, train_branches=False), batch)
     assert not loss_mask[batch.is_branch].any()              # SPEC 5's default: branches give signal, not gradient
     assert torch.equal(loss_mask[~batch.is_branch], batch.gen_mask[~batch.is_branch])
     assert torch.all(adv[~loss_mask] == 0)
@@ -188,7 +188,7 @@ def test_appo_rollout_trees(warm, algo):
 def test_appo_can_train_branch_continuations(warm):
     cfg, batch = _collect(warm, "appo")
     cfg = replace(cfg, train_branches=True)
-    _, loss_mask = algorithms.advantages("appo", cfg, batch)
+    _, loss_mask = algorithms.algorithm("appo").advantages(cfg, batch)
     pos = torch.arange(loss_mask.shape[1])
     expect = batch.gen_mask & (~batch.is_branch[:, None] | (pos[None] > batch.split[:, None]))
     assert torch.equal(loss_mask, expect)
@@ -201,7 +201,7 @@ def test_arpo_forks_only_after_tool_results(warm):
     for i, t in batch.forks:
         r = batch.rows[i]
         assert r.kinds[t] == TOOL and r.tokens[t] == TOK.end_res_id and r.kinds[t + 1] == GEN
-    adv, loss_mask = algorithms.advantages("arpo", cfg, batch)
+    adv, loss_mask = algorithms.algorithm("arpo").advantages(cfg, batch)
     expected = torch.tensor([e.reward for e in batch.episodes])
     for g in range(cfg.prompts_per_step):                    # plain GRPO advantages over all rollouts
         sel = batch.group == g
@@ -482,7 +482,7 @@ def test_forks_respect_the_after_answer_switch(warm):
     cfg, batch = _collect(warm, "appo")
     cfg_off = replace(cfg, forks_after_answer=False)
     tasks = batch.tasks
-    off = algorithms.collect("appo", cfg_off, warm.model, tasks, TOK, (0, 0))
+    off = algorithms.algorithm("appo").collect(cfg_off, warm.model, tasks, TOK, (0, 0))
     late = [t > batch.rows[i].tokens.index(TOK.ans_id) for i, t in batch.forks if TOK.ans_id in batch.rows[i].tokens]
     assert any(late)                                   # the paper's rule forks after the answer here ...
     for i, t in off.forks:                             # ... the switch never does
@@ -523,10 +523,10 @@ def test_a_branch_budget_counts_its_prefix_calls():
 def test_substituted_tokens_leave_the_loss_unless_asked(warm):
     cfg, batch = _collect(warm, "appo", branch_mode="topk")
     branch_rows = torch.nonzero(batch.is_branch).flatten().tolist()
+    appo = algorithms.algorithm("appo")
     for train_substituted in (False, True):
-        adv, loss_mask = algorithms.advantages("appo", replace(cfg, train_substituted=train_substituted), batch)
-        ref_adv, ref_mask = algorithms.advantages("appo", replace(cfg, branch_mode="resample"),
-                                                  replace(batch, substituted=False))
+        adv, loss_mask = appo.advantages(replace(cfg, train_substituted=train_substituted), batch)
+        ref_adv, ref_mask = appo.advantages(replace(cfg, branch_mode="resample"), replace(batch, substituted=False))
         for r in branch_rows:
             s = int(batch.split[r]) + 1                # the substituted token
             assert bool(loss_mask[r, s]) == train_substituted and bool(ref_mask[r, s])
@@ -563,7 +563,7 @@ def test_omega_with_and_without_token_ts_own_term_against_the_oracle(warm, own_t
         for w in prev.parameters():
             w.add_(0.02 * torch.randn(w.shape, generator=torch.Generator().manual_seed(w.numel())))
         logits = token_logits(warm.model, tokens, attention).double()
-        logp_old = algorithms.token_stats(prev, tokens, attention, gen, cfg.backend).logp.double()
+        logp_old = algorithms.policy_token_stats(prev, tokens, attention, gen, cfg.backend).logp.double()
     sc = algorithms.appo_scores(cfg, logits, tokens, attention, gen, eligible, logp_old)
     st = ak.token_stats(logits, tokens, mask=gen)
     ratio = torch.where(gen, st.logp - logp_old, 0.0)
@@ -580,8 +580,8 @@ def test_omega_against_the_reference_policy(tmp_path, warm, monkeypatch):
     trainer = Trainer(smoke_config(tmp_path, sft_cache=warm.cfg.sft_cache, omega_source="reference", max_steps=2,
                                    token_budget=10**9), progress=False)
     seen = []
-    collect = algorithms.collect
-    monkeypatch.setattr(algorithms, "collect", lambda *a, **k: seen.append(a[-1]) or collect(*a, **k))
+    collect = algorithms.APPO.collect
+    monkeypatch.setattr(algorithms.APPO, "collect", lambda *a, **k: seen.append(a[-1]) or collect(*a, **k))
     trainer.train_step()
     trainer.train_step()
     assert seen == [trainer.ref, trainer.ref]

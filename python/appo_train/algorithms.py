@@ -1,4 +1,5 @@
-"""How each algorithm spends one step's rollout budget, and the per-token advantages it trains on.
+"""The RL algorithms, one object each (`algorithm(name)`): how it spends one step's rollout budget, the per-token
+advantages it trains on, and what its loss does with them.
 
 - GRPO: `rollouts_per_prompt` full rollouts per prompt; one advantage per rollout (group-normalised reward).
 - ARPO (SPEC 9): half the budget as full rollouts; after each tool result, fork a copy of the prefix with
@@ -14,6 +15,7 @@
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +29,6 @@ from .seeding import derive_seed
 from .tasks import Episode, Task, score_response
 from .tokenizer import CharTokenizer
 
-ALGORITHMS = ("appo", "grpo", "arpo", "appo-entropy")
 OMEGA_SOURCES = ("prev_policy", "reference", "behavior")
 ARPO_WINDOW = 20
 
@@ -59,8 +60,8 @@ class StepBatch:
         return self.parent >= 0
 
 
-def token_stats(model: torch.nn.Module, tokens: Tensor, attention: Tensor, mask: Tensor, backend: str):
-    """`appo_kernels.token_stats` of the policy on the masked tokens (0 elsewhere): logp, entropy `[R, T]`."""
+def policy_token_stats(model: torch.nn.Module, tokens: Tensor, attention: Tensor, mask: Tensor, backend: str):
+    """`appo_kernels.token_stats` of `model`'s logits on the masked tokens (0 elsewhere): logp, entropy `[R, T]`."""
     logits = token_logits(model, tokens, attention)
     return ak.token_stats(logits, tokens, mask=mask, backend=backend)
 
@@ -131,60 +132,79 @@ def appo_scores(cfg, logits: Tensor, tokens: Tensor, attention: Tensor, gen_mask
                        topk_logp=st.topk_logp)
 
 
-def collect(algo: str, cfg, model, tasks: list[Task], tok: CharTokenizer, key: tuple,
-            groups: list[int] | None = None, omega_model=None) -> StepBatch:
-    """Generate one step's rollouts for `algo` at `cfg.rollouts_per_prompt` rollouts per prompt, for the
-    prompts `groups` (default: all; a data-parallel rank passes the ones it owns). Every random choice is
-    keyed by (*key, what, prompt, slot), so a prompt's rollouts do not depend on which rank or batch runs it.
+def _sampling(cfg) -> dict:
+    """`generate`'s settings for a run's rollouts."""
+    return {"max_new": cfg.max_new_tokens, "budget": cfg.tool_budget, "temperature": cfg.temperature}
 
-    `omega_model` (APPO) gives logp_old for Omega: the previous policy, the reference, or None for the
-    behaviour policy (the sampler itself) or for the entropy-only ablation."""
-    groups = list(range(len(tasks))) if groups is None else groups
-    n = cfg.rollouts_per_prompt
-    budget = cfg.tool_budget
-    sample = {"max_new": cfg.max_new_tokens, "budget": budget, "temperature": cfg.temperature}
-    if algo == "grpo":
-        rows = generate(model, prompt_rows(tasks, n, tok, budget, (*key, "init"), groups), tasks, tok, **sample)
-        return _finish(tasks, rows, tok)
-    n_init = n // 2
-    rows = generate(model, prompt_rows(tasks, n_init, tok, budget, (*key, "init"), groups), tasks, tok, **sample)
-    tokens, attention, kinds = pad_batch(rows, tok.pad_id)
-    gen_mask = kinds == GEN
-    eligible = branch_eligible(tokens, kinds, tok, cfg.max_new_tokens, cfg.forks_after_answer)
-    with torch.no_grad():
-        logits = token_logits(model, tokens, attention)
-        if algo == "arpo":
-            entropy = ak.token_stats(logits, tokens, mask=gen_mask, backend=cfg.backend).entropy
-            forks = _arpo_forks(rows, kinds, entropy, n - n_init, key)
-            slot = dict.fromkeys(groups, 0)
-            extra = []
-            for i, t in forks:
-                g = rows[i].task
-                extra.append(fork(rows, i, t, tasks, tok, budget, derive_seed(*key, "branch", g, slot[g])))
-                slot[g] += 1
-            unspent = {g: n - n_init - slot[g] for g in groups}
-            extra += prompt_rows(tasks, unspent, tok, budget, (*key, "extra"), groups)
-            rows += generate(model, extra, tasks, tok, **sample)
-            return _finish(tasks, rows, tok, forks=forks)
-        logp_old = None                 # entropy-only: the ablation, and APPO's first step under prev_policy
-        if algo == "appo" and cfg.omega_source == "behavior":
-            logp_old = ak.token_stats(logits, tokens, mask=gen_mask, backend=cfg.backend).logp
-        elif algo == "appo" and omega_model is not None:
-            logp_old = token_stats(omega_model, tokens, attention, gen_mask, cfg.backend).logp
-        scores = appo_scores(cfg, logits, tokens, attention, gen_mask, eligible, logp_old)
-    group = torch.tensor([r.task for r in rows])
-    bp = ak.select_branch_points(scores.score, scores.candidate, group, n - n_init, num_groups=len(tasks))
-    topk = cfg.branch_mode == "topk"
-    requests = ak.fork_requests(bp, tokens, mode=cfg.branch_mode, topk_ids=scores.topk_ids,
-                                topk_logp=scores.topk_logp, choice=cfg.topk_choice,
-                                generator=seeding.generator(*key, "topk")).tolist()
-    branches = [fork(rows, q.rollout, q.position, tasks, tok, budget, derive_seed(*key, "branch", q.group, q.slot),
-                     token=q.token if topk else None) for q in requests]
-    n_initial = len(rows)
-    rows += generate(model, branches, tasks, tok, **sample)
-    branch_score = torch.tensor([0.0] * n_initial + [q.score for q in requests], dtype=torch.float32)
-    return _finish(tasks, rows, tok, scores=scores, branch_score=branch_score,
-                   forks=[(q.rollout, q.position) for q in requests], substituted=topk)
+
+def _initial_rollouts(cfg, model, tasks: list[Task], tok: CharTokenizer, key: tuple,
+                      groups: list[int] | None) -> tuple[list[Rollout], int]:
+    """A tree algorithm's initial rollouts (half of each prompt's budget) and the branches left per prompt."""
+    initial_per_prompt = cfg.rollouts_per_prompt // 2
+    rows = prompt_rows(tasks, initial_per_prompt, tok, cfg.tool_budget, (*key, "init"), groups)
+    return generate(model, rows, tasks, tok, **_sampling(cfg)), cfg.rollouts_per_prompt - initial_per_prompt
+
+
+class Algorithm(ABC):
+    """One RL algorithm as the trainer runs it: how a step's rollout budget is spent (`collect`), the per-token
+    advantages it trains on (`advantages`) and what the loss does with them (`loss_advantages`)."""
+    name: str
+
+    @abstractmethod
+    def collect(self, cfg, model, tasks: list[Task], tok: CharTokenizer, key: tuple, groups: list[int] | None = None,
+                omega_model=None) -> StepBatch:
+        """One step's rollouts at `cfg.rollouts_per_prompt` per prompt, for the prompts `groups` (default: all; a
+        data-parallel rank passes the ones it owns). Every random choice is keyed by (*key, what, prompt, slot),
+        so a prompt's rollouts do not depend on which rank or batch runs it. `omega_model`: see `APPO`."""
+
+    @abstractmethod
+    def advantages(self, cfg, batch: StepBatch) -> tuple[Tensor, Tensor]:
+        """Per-token advantages and loss mask `[R, T]`."""
+
+    def loss_advantages(self, cfg, logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+        """The advantages the policy loss takes on one mini-batch (`logp` detached): unchanged."""
+        return advantages
+
+
+class GRPO(Algorithm):
+    """Full rollouts only; one advantage per rollout."""
+    name = "grpo"
+
+    def collect(self, cfg, model, tasks, tok, key, groups=None, omega_model=None) -> StepBatch:
+        rows = prompt_rows(tasks, cfg.rollouts_per_prompt, tok, cfg.tool_budget, (*key, "init"), groups)
+        return _finish(tasks, generate(model, rows, tasks, tok, **_sampling(cfg)), tok)
+
+    def advantages(self, cfg, batch: StepBatch) -> tuple[Tensor, Tensor]:
+        """The rollout's group-normalised reward on every token it generated; a branch only on its own tokens."""
+        gen = batch.gen_mask
+        a_hat = ak.group_advantages(batch.rewards, batch.group, num_groups=len(batch.tasks))
+        pos = torch.arange(gen.shape[1])
+        loss_mask = gen & (pos[None, :] > batch.split[:, None])
+        return torch.where(loss_mask, a_hat[:, None], 0.0), loss_mask
+
+
+class ARPO(GRPO):
+    """Entropy-triggered forks after tool results (SPEC 9); GRPO's advantages."""
+    name = "arpo"
+
+    def collect(self, cfg, model, tasks, tok, key, groups=None, omega_model=None) -> StepBatch:
+        groups = list(range(len(tasks))) if groups is None else groups
+        rows, branches_per_prompt = _initial_rollouts(cfg, model, tasks, tok, key, groups)
+        tokens, attention, kinds = pad_batch(rows, tok.pad_id)
+        with torch.no_grad():
+            logits = token_logits(model, tokens, attention)
+            entropy = ak.token_stats(logits, tokens, mask=kinds == GEN, backend=cfg.backend).entropy
+        forks = _arpo_forks(rows, kinds, entropy, branches_per_prompt, key)
+        slot = dict.fromkeys(groups, 0)
+        extra = []
+        for i, t in forks:
+            g = rows[i].task
+            extra.append(fork(rows, i, t, tasks, tok, cfg.tool_budget, derive_seed(*key, "branch", g, slot[g])))
+            slot[g] += 1
+        unspent = {g: branches_per_prompt - slot[g] for g in groups}
+        extra += prompt_rows(tasks, unspent, tok, cfg.tool_budget, (*key, "extra"), groups)
+        rows += generate(model, extra, tasks, tok, **_sampling(cfg))
+        return _finish(tasks, rows, tok, forks=forks)
 
 
 def _arpo_forks(rows: list[Rollout], kinds: Tensor, entropy: Tensor, budget: int,
@@ -216,27 +236,90 @@ def _arpo_forks(rows: list[Rollout], kinds: Tensor, entropy: Tensor, budget: int
     return forks
 
 
-def advantages(algo: str, cfg, batch: StepBatch) -> tuple[Tensor, Tensor]:
-    """Per-token advantages and loss mask `[R, T]` for `algo` (see the module docstring)."""
-    gen = batch.gen_mask
-    num_groups = len(batch.tasks)
-    if algo in ("grpo", "arpo"):
-        a_hat = ak.group_advantages(batch.rewards, batch.group, num_groups=num_groups)
+class APPO(Algorithm):
+    """Forks at the best Branching Scores, procedure advantages, future-KL weighting (SPEC 2-7)."""
+    name = "appo"
+
+    def omega_logp_old(self, cfg, logits: Tensor, tokens: Tensor, attention: Tensor, gen_mask: Tensor,
+                       omega_model) -> Tensor | None:
+        """logp_old of Omega: the sampler's own (`cfg.omega_source` "behavior"), else `omega_model`'s (the
+        previous policy or the reference), else None (the first step under "prev_policy": no Omega yet)."""
+        if cfg.omega_source == "behavior":
+            return ak.token_stats(logits, tokens, mask=gen_mask, backend=cfg.backend).logp
+        if omega_model is not None:
+            return policy_token_stats(omega_model, tokens, attention, gen_mask, cfg.backend).logp
+        return None
+
+    def collect(self, cfg, model, tasks, tok, key, groups=None, omega_model=None) -> StepBatch:
+        rows, branches_per_prompt = _initial_rollouts(cfg, model, tasks, tok, key, groups)
+        tokens, attention, kinds = pad_batch(rows, tok.pad_id)
+        gen_mask = kinds == GEN
+        eligible = branch_eligible(tokens, kinds, tok, cfg.max_new_tokens, cfg.forks_after_answer)
+        with torch.no_grad():
+            logits = token_logits(model, tokens, attention)
+            logp_old = self.omega_logp_old(cfg, logits, tokens, attention, gen_mask, omega_model)
+            scores = appo_scores(cfg, logits, tokens, attention, gen_mask, eligible, logp_old)
+        group = torch.tensor([r.task for r in rows])
+        bp = ak.select_branch_points(scores.score, scores.candidate, group, branches_per_prompt,
+                                     num_groups=len(tasks))
+        topk = cfg.branch_mode == "topk"
+        requests = ak.fork_requests(bp, tokens, mode=cfg.branch_mode, topk_ids=scores.topk_ids,
+                                    topk_logp=scores.topk_logp, choice=cfg.topk_choice,
+                                    generator=seeding.generator(*key, "topk")).tolist()
+        branches = [fork(rows, q.rollout, q.position, tasks, tok, cfg.tool_budget,
+                         derive_seed(*key, "branch", q.group, q.slot), token=q.token if topk else None)
+                    for q in requests]
+        # the branches follow the initial rows, whose BS_b is 0
+        branch_score = torch.tensor([0.0] * len(rows) + [q.score for q in requests], dtype=torch.float32)
+        rows += generate(model, branches, tasks, tok, **_sampling(cfg))
+        return _finish(tasks, rows, tok, scores=scores, branch_score=branch_score,
+                       forks=[(q.rollout, q.position) for q in requests], substituted=topk)
+
+    def advantages(self, cfg, batch: StepBatch) -> tuple[Tensor, Tensor]:
+        """`appo_kernels.procedure_advantages`; a topk branch's substituted token is out of the loss unless
+        `cfg.train_substituted`."""
+        gen = batch.gen_mask
+        # split -1: a topk branch forked at the first generated token shares none of its parent's (no credit)
+        out = ak.procedure_advantages(batch.rewards, batch.group, batch.parent, batch.split, gen,
+                                      branch_score=batch.branch_score,
+                                      branch_strength_scaling=cfg.branch_strength_scaling,
+                                      train_branches=cfg.train_branches, num_groups=len(batch.tasks),
+                                      backend=cfg.backend)
+        adv = out.advantages
+        if not cfg.prefix_credit:   # the ablation: each token keeps its own rollout's A_hat (times M on initial rows)
+            own = out.group_advantages[:, None] * torch.where(batch.is_branch[:, None], 1.0, out.multiplier)
+            adv = torch.where(out.loss_mask, own, 0.0)
+        if not batch.substituted or cfg.train_substituted:
+            return adv, out.loss_mask
+        # A topk branch's token at split + 1 was put there, not sampled from the policy: out of the loss.
         pos = torch.arange(gen.shape[1])
-        loss_mask = gen & (pos[None, :] > batch.split[:, None])     # branches: only what they generated
-        return torch.where(loss_mask, a_hat[:, None], 0.0), loss_mask
-    # split -1: a topk branch forked at the first generated token shares none of its parent's (no credit)
-    out = ak.procedure_advantages(batch.rewards, batch.group, batch.parent, batch.split, gen,
-                                  branch_score=batch.branch_score,
-                                  branch_strength_scaling=cfg.branch_strength_scaling,
-                                  train_branches=cfg.train_branches, num_groups=num_groups, backend=cfg.backend)
-    adv = out.advantages
-    if not cfg.prefix_credit:       # the ablation: each token keeps its own rollout's A_hat (times M on initial rows)
-        own = out.group_advantages[:, None] * torch.where(batch.is_branch[:, None], 1.0, out.multiplier)
-        adv = torch.where(out.loss_mask, own, 0.0)
-    if not batch.substituted or cfg.train_substituted:
-        return adv, out.loss_mask
-    # A topk branch's token at split + 1 was put there, not sampled from the policy: out of the loss.
-    pos = torch.arange(gen.shape[1])
-    substituted = batch.is_branch[:, None] & (pos[None, :] == batch.split[:, None] + 1)
-    return torch.where(substituted, 0.0, adv), out.loss_mask & ~substituted
+        substituted = batch.is_branch[:, None] & (pos[None, :] == batch.split[:, None] + 1)
+        return torch.where(substituted, 0.0, adv), out.loss_mask & ~substituted
+
+    def loss_advantages(self, cfg, logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+        """Weighted by future KL (`appo_kernels.future_kl_weights`) unless `cfg.future_kl` is off."""
+        if not cfg.future_kl:
+            return advantages
+        return ak.future_kl_weights(logp, logp_old, advantages, mask, backend=cfg.backend).advantages
+
+
+class APPOEntropy(APPO):
+    """APPO with the Branching Score of entropy alone (no Omega): the ablation."""
+    name = "appo-entropy"
+
+    def omega_logp_old(self, cfg, logits, tokens, attention, gen_mask, omega_model) -> None:
+        return None
+
+
+_BY_NAME = {a.name: a for a in (APPO(), GRPO(), ARPO(), APPOEntropy())}
+ALGORITHMS = tuple(_BY_NAME)
+
+
+def algorithm(name: str) -> Algorithm:
+    """The algorithm called `name` (one of `ALGORITHMS`)."""
+    return _BY_NAME[name]
+
+
+def advantages(algo: str, cfg, batch: StepBatch) -> tuple[Tensor, Tensor]:
+    """`algorithm(algo).advantages(cfg, batch)`, for callers that hold the name (tests/test_compare.py)."""
+    return algorithm(algo).advantages(cfg, batch)

@@ -121,13 +121,13 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_sum(values: list[float]) -> list[float]:
-    """Element-wise sums over the ranks (float64; the values themselves in a single process)."""
+def all_sum(values: dict[str, float]) -> dict[str, float]:
+    """Each named value summed over the ranks (float64; the values themselves in a single process)."""
     if world()[1] == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+        return dict(values)
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
     dist.all_reduce(t)
-    return t.tolist()
+    return dict(zip(values, t.tolist()))
 
 
 def _shard(n: int) -> list[int]:
@@ -137,7 +137,7 @@ def _shard(n: int) -> list[int]:
 
 
 def _encode_demo(tok: CharTokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    ids, kinds = [tok.bos_id] + tok.encode(prompt), []
+    ids = [tok.bos_id] + tok.encode(prompt)
     kinds = [PROMPT] * len(ids)
     in_tool = False
     for t in tok.encode(response):
@@ -190,7 +190,7 @@ def _train_warm_start(cfg: TrainConfig, tok: CharTokenizer, progress: bool, path
         for b, i in enumerate(idx):
             tokens[b, :len(demos[i][0])] = torch.tensor(demos[i][0])
             kinds[b, :len(demos[i][1])] = torch.tensor(demos[i][1])
-        logp = algorithms.token_stats(model, tokens, (kinds >= 0).long(), kinds == GEN, cfg.backend).logp
+        logp = algorithms.policy_token_stats(model, tokens, (kinds >= 0).long(), kinds == GEN, cfg.backend).logp
         loss = -logp.sum() / (kinds == GEN).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -216,15 +216,19 @@ def evaluate(model, cfg: TrainConfig, tok: CharTokenizer) -> dict:
     generate(model, rows, tasks, tok, max_new=cfg.max_new_tokens, budget=cfg.tool_budget,
              temperature=cfg.temperature)
     eps = [algorithms.score_response(tasks[r.task], tok.decode(r.tokens[r.prompt_len:])) for r in rows]
-    n, success, reward, calls, fmt = all_sum([len(eps), sum(e.success for e in eps), sum(e.reward for e in eps),
-                                              sum(r.calls for r in rows), sum(e.well_formed for e in eps)])
-    return {"eval_success": success / n, "eval_reward": reward / n, "eval_tool_calls": calls / n,
-            "eval_format": fmt / n}
+    total = all_sum({"rows": len(eps), "success": sum(e.success for e in eps), "reward": sum(e.reward for e in eps),
+                     "tool_calls": sum(r.calls for r in rows), "format": sum(e.well_formed for e in eps)})
+    return {f"eval_{k}": total[k] / total["rows"] for k in ("success", "reward", "tool_calls", "format")}
 
 
 def _mean(values) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    """part / whole; None when whole is 0 (nothing to measure: no forks, no scored token)."""
+    return part / whole if whole else None
 
 
 def backend_in_use(requested: str) -> str:
@@ -283,6 +287,7 @@ class Trainer:
             raise ValueError(f"prompts_per_step: expected at least one prompt per rank ({self.world_size} ranks), "
                              f"got prompts_per_step={cfg.prompts_per_step}, eval_prompts={cfg.eval_prompts}")
         self.cfg, self.progress = cfg, progress and self.rank == 0
+        self.algorithm = algorithms.algorithm(cfg.algo)
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
@@ -381,36 +386,41 @@ class Trainer:
         rng = seeding.rng(cfg.seed, step, "tasks")
         tasks = [make_task(rng, cfg.task) for _ in range(cfg.prompts_per_step)]
         omega_model = {"prev_policy": self.prev, "reference": self.ref, "behavior": None}[cfg.omega_source]
-        batch = algorithms.collect(cfg.algo, cfg, self.model, tasks, self.tok, (cfg.seed, step),
-                                   _shard(len(tasks)), omega_model)
-        adv, loss_mask = algorithms.advantages(cfg.algo, cfg, batch)
+        batch = self.algorithm.collect(cfg, self.model, tasks, self.tok, (cfg.seed, step), _shard(len(tasks)),
+                                       omega_model)
+        adv, loss_mask = self.algorithm.advantages(cfg, batch)
         with torch.no_grad():
             self.model.eval()
-            behaviour = algorithms.token_stats(self.model, batch.tokens, batch.attention, batch.gen_mask,
-                                               cfg.backend)
-            logp_ref = algorithms.token_stats(self.ref, batch.tokens, batch.attention, loss_mask, cfg.backend).logp
+            behaviour = algorithms.policy_token_stats(self.model, batch.tokens, batch.attention, batch.gen_mask,
+                                                      cfg.backend)
+            logp_ref = algorithms.policy_token_stats(self.ref, batch.tokens, batch.attention, loss_mask,
+                                                     cfg.backend).logp
         self.prev = copy.deepcopy(self.model).eval().requires_grad_(False)
         losses = self._update(batch, adv, loss_mask, behaviour.logp, logp_ref,
                               seeding.generator(cfg.seed, step, "minibatches"))
         self.step += 1
         initial = batch.gen_mask & ~batch.is_branch[:, None]
         sc = batch.scores
-        (rows, new_tokens, reward, success, calls, fmt, ent_sum, ent_n, branches, cand, eligible, forks,
-         wasted, decisive) = all_sum([
-            len(batch.rows),
-            sum(r.num_generated - (0 if r.parent < 0 else sum(k == GEN for k in r.kinds[:r.split + 1]))
-                for r in batch.rows),
-            float(batch.rewards.sum()), sum(e.success for e in batch.episodes), sum(r.calls for r in batch.rows),
-            sum(e.well_formed for e in batch.episodes), float(behaviour.entropy[initial].sum()), int(initial.sum()),
-            int(batch.is_branch.sum()), 0 if sc is None else int(sc.candidate.sum()),
-            0 if sc is None else int(torch.isfinite(sc.score).sum()), len(batch.forks), *self._fork_places(batch)])
-        self.gen_tokens += int(new_tokens)
+        total = all_sum({
+            "rows": len(batch.rows),
+            "new_tokens": sum(r.num_generated - (0 if r.parent < 0 else sum(k == GEN for k in r.kinds[:r.split + 1]))
+                              for r in batch.rows),
+            "reward": float(batch.rewards.sum()), "success": sum(e.success for e in batch.episodes),
+            "tool_calls": sum(r.calls for r in batch.rows), "format": sum(e.well_formed for e in batch.episodes),
+            "entropy": float(behaviour.entropy[initial].sum()), "entropy_tokens": int(initial.sum()),
+            "branches": int(batch.is_branch.sum()), "candidates": 0 if sc is None else int(sc.candidate.sum()),
+            "eligible": 0 if sc is None else int(torch.isfinite(sc.score).sum()), "forks": len(batch.forks),
+            **self._fork_places(batch)})
+        self.gen_tokens += int(total["new_tokens"])
+        rows = total["rows"]
         record = {"algo": cfg.algo, "seed": cfg.seed, "step": self.step, "gen_tokens": self.gen_tokens,
-                  "reward": reward / rows, "success": success / rows, "tool_calls": calls / rows,
-                  "entropy": ent_sum / ent_n if ent_n else None, "format": fmt / rows, "branches": int(branches),
-                  "candidate_share": cand / eligible if sc is not None and eligible else None,
-                  "post_answer_forks": wasted / forks if forks else None,
-                  "decision_forks": decisive / forks if forks else None, "ranks": self.world_size,
+                  "reward": total["reward"] / rows, "success": total["success"] / rows,
+                  "tool_calls": total["tool_calls"] / rows,
+                  "entropy": _ratio(total["entropy"], total["entropy_tokens"]),    # over the initial rollouts
+                  "format": total["format"] / rows, "branches": int(total["branches"]),
+                  "candidate_share": _ratio(total["candidates"], total["eligible"]),
+                  "post_answer_forks": _ratio(total["post_answer_forks"], total["forks"]),
+                  "decision_forks": _ratio(total["decision_forks"], total["forks"]), "ranks": self.world_size,
                   "backend": self.backend, **losses}
         return record, batch, adv
 
@@ -428,37 +438,38 @@ class Trainer:
             groups = order[start:start + cfg.minibatch_prompts]
             rows = torch.nonzero(torch.isin(batch.group, groups) & loss_mask.any(1)).flatten()
             local_tokens = int(loss_mask[rows].sum())
-            (tokens,) = all_sum([local_tokens])
+            tokens = all_sum({"tokens": local_tokens})["tokens"]
             if not tokens:
                 continue
             self.opt.zero_grad(set_to_none=True)
-            local = [0.0, 0.0, 0.0]
+            local = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}      # kl, clip_fraction: token sums
             if len(rows):
                 width = int(batch.attention[rows].sum(1).max())
                 tok, att, lm = batch.tokens[rows, :width], batch.attention[rows, :width], loss_mask[rows, :width]
                 lp_old, a = logp_old[rows, :width], adv[rows, :width]
-                logp = algorithms.token_stats(self.model, tok, att, lm, cfg.backend).logp
-                if cfg.algo in ("appo", "appo-entropy") and cfg.future_kl:
-                    a = ak.future_kl_weights(logp.detach(), lp_old, a, lm, backend=cfg.backend).advantages
+                logp = algorithms.policy_token_stats(self.model, tok, att, lm, cfg.backend).logp
+                a = self.algorithm.loss_advantages(cfg, logp.detach(), lp_old, a, lm)
                 out = ak.policy_loss(logp, lp_old, a, lm, logp_ref=logp_ref[rows, :width], kl_coef=cfg.kl_coef,
                                      token_count=tokens)
                 out.loss.backward()
-                local = [out.loss.item(), out.kl.item() * local_tokens, out.clip_fraction.item() * local_tokens]
+                local = {"loss": out.loss.item(), "kl": out.kl.item() * local_tokens,
+                         "clip_fraction": out.clip_fraction.item() * local_tokens}
             if self.world_size > 1:
                 _all_reduce_grads(params)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             self.opt.step()
-            loss, kl, clip = all_sum(local)
-            sums["loss"] += loss
-            sums["kl"] += kl / tokens
-            sums["clip_fraction"] += clip / tokens
+            total = all_sum(local)
+            sums["loss"] += total["loss"]
+            sums["kl"] += total["kl"] / tokens
+            sums["clip_fraction"] += total["clip_fraction"] / tokens
             n += 1
         return {k: v / max(n, 1) for k, v in sums.items()}
 
-    def _fork_places(self, batch: StepBatch) -> tuple[int, int]:
-        """How many forks sit (1) after the answer was complete (on the sign-off decoy or the space before it):
-        a branch from there can only re-sample what does not matter; (2) on a token that decides the outcome
-        (`tasks.decision_positions`: a tool name, a key, an operand or operator, the answer's value)."""
+    def _fork_places(self, batch: StepBatch) -> dict[str, int]:
+        """How many forks sit after the answer was complete ("post_answer_forks": on the sign-off decoy or the
+        space before it; a branch from there can only re-sample what does not matter) and on a token that decides
+        the outcome ("decision_forks": `tasks.decision_positions`, a tool name, a key, an operand or operator, the
+        answer's value)."""
         space = self.tok.encode(" ")[0]
         wasted = decisive = 0
         decisions: dict[int, set[int]] = {}
@@ -471,7 +482,7 @@ class Trainer:
             if i not in decisions:
                 decisions[i] = decision_positions([self.tok.token_text(x) for x in toks[r.prompt_len:]])
             decisive += t - r.prompt_len in decisions[i]
-        return wasted, decisive
+        return {"post_answer_forks": wasted, "decision_forks": decisive}
 
     # --- report material ---------------------------------------------------------------------------------
     def _save_samples(self, batch: StepBatch, adv: torch.Tensor) -> None:
