@@ -2,8 +2,9 @@
 
     appo-train                        warm start + APPO on the default task (< 10 min on 2 CPU cores)
     appo-train --algo grpo            the same budget with GRPO (or arpo, appo-entropy)
-    appo-train compare                GRPO, ARPO, APPO and the entropy-only ablation on 3 seeds at an equal
-                                      budget of generated tokens; writes a results table
+    appo-train compare                the comparison protocol (docs/trainer.md): every arm on 5 seeds at an equal
+                                      budget of generated tokens or of rollouts; writes the table with paired
+                                      differences and their bootstrap intervals, and the plots
     appo-train report --out DIR       rebuild the plots and the HTML report of a run or comparison
     torchrun --standalone --nproc_per_node 2 -m appo_train ...
                                       the same run data-parallel over 2 processes (gloo): prompts sharded,
@@ -18,21 +19,23 @@ import contextlib
 import importlib
 import json
 import os
-import statistics
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from appo_kernels.branch_points import FORK_MODES, TOPK_CHOICES
 
 from .algorithms import ALGORITHMS, OMEGA_SOURCES
+from .compare import ARM_SETTINGS, ARMS, BUDGETS, ROLLOUT_BUDGET, load_records
 from .tasks import TASKS
 
 TRAIN_EXTRA = ("transformers", "matplotlib", "tqdm")       # what `pip install ".[train]"` adds
 SMOKE = dict(sft_examples=1000, sft_steps=200, prompts_per_step=4, rollouts_per_prompt=8, minibatch_prompts=2,
              token_budget=2500, eval_prompts=16, eval_samples=1, eval_every=2,
              policy=dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64))
+SMOKE_ROLLOUT_BUDGET = 96          # compare --budget rollouts --smoke: 3 steps of 4 prompts x 8 rollouts
+PROTOCOL_SEEDS = [1001, 1002, 1003, 1004, 1005]     # the reported seeds; tuning uses seeds below 1000
 
 
 def _config(args, **over):
@@ -81,48 +84,57 @@ def _default(name: str) -> str:
     return f"default {value}" + (f"; {SMOKE[name]} with --smoke" if name in SMOKE else "")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=TASKS,
-                   help=f"the task family: easy = 2-3 tool calls, hard = 4-6 (multi-hop reads) ({_default('task')})")
-    p.add_argument("--branch-mode", dest="branch_mode", choices=FORK_MODES,
-                   help="APPO's branches: resample = keep token t, sample from t+1; topk = replace token t by "
-                        f"another of its top-k tokens, then sample ({_default('branch_mode')})")
-    p.add_argument("--topk-choice", dest="topk_choice", choices=TOPK_CHOICES,
-                   help="with --branch-mode topk: best = the most likely other token, sample = one drawn from the "
-                        f"top-k renormalised without token t ({_default('topk_choice')})")
-    p.add_argument("--train-substituted", dest="train_substituted", action="store_const", const=True,
-                   help="with --branch-mode topk: train the substituted token with its branch's advantage "
-                        "(default off: it was not sampled from the policy, so it is left out of the loss)")
-    p.add_argument("--omega-future-only", dest="omega_own_term", action="store_const", const=False,
-                   help="Omega sums the log-ratios of the tokens after t only, k > t (default off: k >= t, "
-                        "the paper's)")
-    p.add_argument("--no-forks-after-answer", dest="forks_after_answer", action="store_const", const=False,
-                   help="no APPO fork point after the first <ans> token (default off: any generated token, "
-                        "the paper's)")
-    p.add_argument("--no-prefix-credit", dest="prefix_credit", action="store_const", const=False,
-                   help="ablation: an APPO token keeps its own rollout's advantage, without the mean over the "
-                        "branches that share it (default off: prefix credit, the paper's)")
-    p.add_argument("--no-future-kl", dest="future_kl", action="store_const", const=False,
-                   help="ablation: no future-KL weighting of APPO's advantages in the loss (default off: "
-                        "weighted, the paper's)")
-    p.add_argument("--token-budget", dest="token_budget", type=int,
-                   help=f"generated tokens of RL per run ({_default('token_budget')})")
-    p.add_argument("--max-steps", dest="max_steps", type=int,
-                   help=f"stop after this many RL steps as well ({_default('max_steps')}: the token budget "
-                        "alone decides)")
-    p.add_argument("--lr", type=float, help=f"RL learning rate ({_default('lr')})")
-    p.add_argument("--omega-source", dest="omega_source", choices=OMEGA_SOURCES,
-                   help=f"what logp_old means in APPO's Omega ({_default('omega_source')})")
-    p.add_argument("--eval-every", dest="eval_every", type=int,
-                   help=f"RL steps between held-out evaluations, plus one at the end ({_default('eval_every')})")
-    p.add_argument("--backend", choices=("auto", "torch", "native", "triton"),
-                   help=f"appo_kernels backend; auto = the compiled native one when it is built "
-                        f"({_default('backend')})")
-    p.add_argument("--smoke", action="store_true",
-                   help="a tiny configuration that runs in seconds, for CI (default off; sets "
-                        + ", ".join(f"{k}={v}" for k, v in SMOKE.items() if k != "policy") + " and a smaller policy)")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bars (default: bars on stderr)")
+# Switches of TrainConfig fields whose defaults are the paper's: (flag, field, value set, help)
+_SWITCHES = (
+    ("--train-substituted", "train_substituted", True,
+     "with --branch-mode topk: train the substituted token with its branch's advantage (default off: it was not "
+     "sampled from the policy, so it is left out of the loss)"),
+    ("--omega-future-only", "omega_own_term", False,
+     "Omega sums the log-ratios of the tokens after t only, k > t (default off: k >= t, the paper's)"),
+    ("--no-forks-after-answer", "forks_after_answer", False,
+     "no APPO fork point after the first <ans> token (default off: any generated token, the paper's)"),
+    ("--no-prefix-credit", "prefix_credit", False,
+     "ablation: an APPO token keeps its own rollout's advantage, without the mean over the branches that share "
+     "it (default off: prefix credit, the paper's)"),
+    ("--no-future-kl", "future_kl", False,
+     "ablation: no future-KL weighting of APPO's advantages in the loss (default off: weighted, the paper's)"),
+)
+
+
+def _add_common(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """The options of a run; `skip` leaves out those (by dest) that a command sets itself."""
+    def add(*names, **kw):
+        if kw.get("dest", names[0][2:]) not in skip:
+            p.add_argument(*names, **kw)
+
+    add("--task", choices=TASKS,
+        help=f"the task family: easy = 2-3 tool calls, hard = 4-6 (multi-hop reads) ({_default('task')})")
+    add("--branch-mode", dest="branch_mode", choices=FORK_MODES,
+        help="APPO's branches: resample = keep token t, sample from t+1; topk = replace token t by "
+             f"another of its top-k tokens, then sample ({_default('branch_mode')})")
+    add("--topk-choice", dest="topk_choice", choices=TOPK_CHOICES,
+        help="with --branch-mode topk: best = the most likely other token, sample = one drawn from the "
+             f"top-k renormalised without token t ({_default('topk_choice')})")
+    for flag, dest, const, text in _SWITCHES:
+        add(flag, dest=dest, action="store_const", const=const, help=text)
+    add("--token-budget", dest="token_budget", type=int,
+        help=f"generated tokens of RL per run ({_default('token_budget')})")
+    add("--max-steps", dest="max_steps", type=int,
+        help=f"stop after this many RL steps as well ({_default('max_steps')}: the token budget "
+             "alone decides)")
+    add("--lr", type=float, help=f"RL learning rate ({_default('lr')})")
+    add("--omega-source", dest="omega_source", choices=OMEGA_SOURCES,
+        help=f"what logp_old means in APPO's Omega ({_default('omega_source')})")
+    add("--eval-every", dest="eval_every", type=int,
+        help=f"RL steps between held-out evaluations, plus one at the end ({_default('eval_every')})")
+    add("--backend", choices=("auto", "torch", "native", "triton"),
+        help=f"appo_kernels backend; auto = the compiled native one when it is built "
+             f"({_default('backend')})")
+    add("--smoke", action="store_true",
+        help="a tiny configuration that runs in seconds, for CI (default off; sets "
+             + ", ".join(f"{k}={v}" for k, v in SMOKE.items() if k != "policy") + " and a smaller policy)")
+    add("--no-progress", dest="progress", action="store_false",
+        help="no progress bars (default: bars on stderr)")
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
@@ -133,29 +145,20 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _load_records(run_dirs: list[Path]) -> list[dict]:
-    out = []
-    for d in run_dirs:
-        path = d / "metrics.jsonl"
-        if path.exists():
-            out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return out
+def _load_samples(run_dir: Path, groups: int | None = None, label: str | None = None) -> list[dict]:
+    """The rollouts a run saved for the report (the first `groups` prompts), "algo" replaced by `label`."""
+    path = run_dir / "samples.json"
+    if not path.exists():
+        return []
+    samples = [s for s in json.loads(path.read_text()) if groups is None or s["group"] < groups]
+    return samples if label is None else [s | {"algo": label} for s in samples]
 
 
-def _write_report(out: Path, run_dirs: list[Path], summary_rows: list[dict], title: str, notes: str,
-                  comparison: list[dict] | None = None, sample_dirs: list[Path] | None = None,
-                  sample_groups: int | None = None) -> list[Path]:
-    """Training curves (+ the comparison bars), then report.html with the last evaluated step's rollouts of
-    `sample_dirs` (default: every run), the first `sample_groups` prompts of each."""
+def _write_report(out: Path, records: list[dict], samples: list[dict], summary_rows: list[dict], title: str,
+                  notes: str, extra_images: list[Path] = ()) -> list[Path]:
+    """Training curves of `records`, then report.html with `extra_images` and the rollouts `samples`."""
     from . import report
-    images = [report.plot_training_curves(_load_records(run_dirs), out / "training_curves.png")]
-    if comparison:
-        images.append(report.plot_comparison(comparison, out / "comparison.png"))
-    samples = []
-    for d in run_dirs if sample_dirs is None else sample_dirs:
-        path = d / "samples.json"
-        if path.exists():
-            samples += [s for s in json.loads(path.read_text()) if sample_groups is None or s["group"] < sample_groups]
+    images = [report.plot_training_curves(records, out / "training_curves.png"), *extra_images]
     html = report.write_html_report(out / "report.html", title=title, summary_rows=summary_rows,
                                     rollouts=samples, images=images, notes=notes)
     return images + [html]
@@ -186,43 +189,55 @@ def _headline(summary: dict, config: dict) -> str:
 def _run_report(out: Path, summary: dict) -> list[Path]:
     """The report of one run directory: its summary (held-out success), the headline, curves and rollouts."""
     config = json.loads((out / "config.json").read_text())
-    return _write_report(out, [out], [summary], f"appo-train: {summary['algo']}, seed {summary['seed']}",
-                         _headline(summary, config))
+    return _write_report(out, load_records(out), _load_samples(out), [summary],
+                         f"appo-train: {summary['algo']}, seed {summary['seed']}", _headline(summary, config))
 
 
-def _compare_report(out: Path, summaries: list[dict], run_dirs: list[Path]) -> tuple[str, list[Path]]:
-    """results.md / results.json (mean, population std, min and max over seeds per algorithm) and the report
-    of a comparison; returns the table and the report's paths."""
-    algos = list(dict.fromkeys(s["algo"] for s in summaries))
-    seeds = list(dict.fromkeys(s["seed"] for s in summaries))
-    rows = []
-    for algo in algos:
-        runs = [s for s in summaries if s["algo"] == algo]
-        row = {"algo": algo, "seeds": len(runs), "gen_tokens": int(statistics.mean(s["gen_tokens"] for s in runs)),
-               "steps": statistics.mean(s["steps"] for s in runs)}
-        for key in ("success", "reward", "tool_calls"):
-            vals = [s[key] for s in runs]
-            row[f"{key}_mean"] = statistics.mean(vals)
-            row[f"{key}_std"] = statistics.pstdev(vals)
-            row[f"{key}_min"], row[f"{key}_max"] = min(vals), max(vals)
-        row["success_before"] = statistics.mean(s["success_before"] for s in runs)
-        for key in ("post_answer_forks", "decision_forks"):
-            forks = [s[key] for s in runs if s[key] is not None]
-            row[key] = statistics.mean(forks) if forks else "-"
-        rows.append(row)
-    cols = ["algo", "seeds", "gen_tokens", "steps", "success_before", "success_mean", "success_std", "success_min",
-            "success_max", "reward_mean", "reward_std", "tool_calls_mean", "tool_calls_std", "post_answer_forks",
-            "decision_forks"]
-    table = _table(rows, cols)
+def _compare_report(out: Path, run_dirs: list[Path]) -> tuple[str, list[Path]]:
+    """The table and plots of a comparison from its runs' metrics (the protocol in out/protocol.json):
+    results.md (per arm), differences.md (paired differences with their 95% bootstrap intervals), results.json,
+    differences.png, curves.png, and the report; returns the two tables and the written paths."""
+    from . import compare as protocol
+    from . import report
+    from .trainer import summarize
+    path = out / "protocol.json"
+    if not path.exists():
+        raise SystemExit(f"appo-train: --out: {out} has no protocol.json (written by appo-train compare)")
+    spec = json.loads(path.read_text())
+    runs, records = [], []
+    for d in run_dirs:
+        arm, recs = d.name.rsplit("-s", 1)[0], load_records(d)
+        x, y = protocol.curve(recs, spec["budget"], spec["rollouts_per_step"])
+        runs.append({"arm": arm, **summarize(recs), "area": protocol.area(x, y, spec["size"]),
+                     "curve": [x.tolist(), y.tolist()]})
+        records += [r | {"algo": arm} for r in recs]          # two arms of one algorithm stay apart in the plots
+    per_arm, diffs = protocol.summarize(runs)
+    table = _table(per_arm, ["arm", "seeds", "steps", "gen_tokens", "success_before", "success_mean", "success_std",
+                             "area_mean", "area_std", "post_answer_forks", "decision_forks"])
+    ci = [{"arm": r["arm"], "baseline": r["baseline"],
+           **{f"{label} (95% CI)": f"{r[k + '_diff']:+.3f} [{r[k + '_lo']:+.3f}, {r[k + '_hi']:+.3f}]"
+              for k, label in protocol.METRICS}} for r in diffs]
+    diff_table = _table(ci, ["arm", "baseline"] + [f"{label} (95% CI)" for _, label in protocol.METRICS])
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"summary": rows, "runs": summaries}, indent=1))
-    paths = _write_report(out, run_dirs, rows, "appo-train compare",
-                          f"{len(seeds)} seeds x {len(algos)} algorithms, each run stopped at the same budget of "
-                          f"generated tokens; success = held-out success sampled at temperature 1. Rollouts below: "
-                          f"the first prompt of the last evaluated step of each algorithm, seed {seeds[0]}.",
-                          comparison=summaries, sample_dirs=[out / f"{a}-s{seeds[0]}" for a in algos],
-                          sample_groups=1)
-    return table, paths
+    (out / "differences.md").write_text(diff_table + "\n")
+    (out / "results.json").write_text(json.dumps({"protocol": spec, "summary": per_arm, "differences": diffs,
+                                                  "runs": runs}, indent=1))
+    unit = "generated tokens" if spec["budget"] == "tokens" else "rollouts"
+    by_arm = [r | {"algo": r["arm"]} for r in runs]
+    images = [report.plot_comparison(by_arm, out / "comparison.png"),
+              report.plot_efficiency(runs, spec["size"], unit, out / "curves.png")]
+    if diffs:
+        images.append(report.plot_differences(diffs, protocol.METRICS, out / "differences.png"))
+    seeds = list(dict.fromkeys(r["seed"] for r in runs))
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    samples = [s for a in arms for s in _load_samples(out / f"{a}-s{seeds[0]}", 1, a)]
+    paths = _write_report(out, records, samples, per_arm, "appo-train compare",
+                          f"{len(seeds)} seeds x {len(arms)} arms on the {spec['task']} task, each run given "
+                          f"{spec['size']} {unit}; success = held-out success sampled at temperature 1; area = the "
+                          f"mean of its curve against {unit} over the budget. Paired differences (same seed, same "
+                          f"warm start) with 95% bootstrap intervals over the seeds: differences.md. Rollouts below: "
+                          f"the first prompt of the last evaluated step of each arm, seed {seeds[0]}.", images)
+    return table + "\n\n" + diff_table, paths
 
 
 def _print_paths(paths: list[Path]) -> None:
@@ -275,15 +290,28 @@ def train(argv: list[str]) -> int:
 
 def compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="appo-train compare", allow_abbrev=False,      # --seed is not --seeds
-                                description="Every algorithm on several seeds at an equal generated-token budget.")
-    default_algos, default_seeds = ["grpo", "arpo", "appo", "appo-entropy"], [0, 1, 2]
-    p.add_argument("--algos", nargs="+", choices=ALGORITHMS, default=default_algos,
-                   help=f"the algorithms (default {' '.join(default_algos)})")
-    p.add_argument("--seeds", nargs="+", type=int, default=default_seeds,
-                   help=f"one run per algorithm and seed (default {' '.join(map(str, default_seeds))})")
+                                description="The comparison protocol (docs/trainer.md): every arm on several seeds "
+                                            "at an equal budget of generated tokens or of rollouts, one resumable "
+                                            "run per arm and seed; writes the table with paired differences and "
+                                            "their 95% bootstrap intervals, the curves and their areas.")
+    arms = list(ARMS)
+    p.add_argument("--algos", nargs="+", choices=arms, default=arms, metavar="ARM",
+                   help="the arms: grpo, arpo, appo (resample branches), appo-topk, and the ablations appo-entropy "
+                        "(entropy-only score), appo-no-prefix-credit, appo-no-future-kl; each fixes "
+                        f"{', '.join(ARM_SETTINGS)} (default {' '.join(arms)})")
+    p.add_argument("--seeds", nargs="+", type=int, default=PROTOCOL_SEEDS,
+                   help="one run per arm and seed; the protocol reports these, tuning uses seeds below 1000 "
+                        f"(default {' '.join(map(str, PROTOCOL_SEEDS))})")
+    p.add_argument("--budget", choices=BUDGETS, default="tokens",
+                   help="what every run gets an equal amount of: generated tokens (--token-budget) or rollouts "
+                        "(--rollout-budget) (default tokens)")
+    p.add_argument("--rollout-budget", dest="rollout_budget", type=int,
+                   help=f"rollouts per run with --budget rollouts, a multiple of one step's (default "
+                        f"{ROLLOUT_BUDGET}; {SMOKE_ROLLOUT_BUDGET} with --smoke)")
     p.add_argument("--out", default="runs/compare",
-                   help="directory for the runs and the results table (default runs/compare)")
-    _add_common(p)
+                   help="directory for the runs (one folder per arm and seed; a finished run is kept, an "
+                        "unfinished one resumes) and the results (default runs/compare)")
+    _add_common(p, skip=ARM_SETTINGS + ("max_steps",))
     return p
 
 
@@ -291,22 +319,50 @@ def compare(argv: list[str]) -> int:
     p = compare_parser()
     args = p.parse_args(argv)
     _require(*TRAIN_EXTRA)
+    from . import compare as protocol
     from .trainer import Trainer
-    print(_backend_line(args.backend or "auto"), flush=True)
+    common = _config(args)                       # the settings every arm shares
+    rollouts_per_step = common.prompts_per_step * common.rollouts_per_prompt
+    if args.budget == "tokens":
+        if args.rollout_budget is not None:
+            p.error("--rollout-budget: only with --budget rollouts (the token budget is --token-budget)")
+        size, flag = common.token_budget, "--token-budget"
+    else:
+        if args.token_budget is not None:
+            p.error("--token-budget: with --budget rollouts the rollout budget decides (--rollout-budget)")
+        size = args.rollout_budget or (SMOKE_ROLLOUT_BUDGET if args.smoke else ROLLOUT_BUDGET)
+        flag = "--rollout-budget"
+    try:
+        budget = protocol.budget_config(args.budget, size, rollouts_per_step)
+    except ValueError as e:
+        p.error(f"{flag}: {e}")
     out = Path(args.out)
-    summaries, run_dirs = [], []
+    shared = {k: v for k, v in asdict(common).items()
+              if k not in (*ARM_SETTINGS, "seed", "out_dir", "sft_cache", "token_budget", "max_steps")}
+    try:
+        protocol.check_protocol(out, {"task": common.task, "budget": args.budget, "size": size,
+                                      "rollouts_per_step": rollouts_per_step, "settings": shared})
+    except ValueError as e:
+        p.error(f"--{e}")
+    print(_backend_line(common.backend), flush=True)
+    run_dirs = []
     for seed in args.seeds:
-        for algo in args.algos:
-            run = out / f"{algo}-s{seed}"
-            cfg = _config(args, algo=algo, seed=seed, out_dir=str(run), sft_cache=str(out / f"sft-s{seed}.pt"))
-            if args.progress:
-                print(f"== {algo}, seed {seed} -> {run}", file=sys.stderr)
-            summaries.append(Trainer(cfg, progress=args.progress).run())
+        for arm in args.algos:
+            run = out / f"{arm}-s{seed}"
+            cfg = _config(args, **ARMS[arm], **budget, seed=seed, out_dir=str(run),
+                          sft_cache=str(out / f"sft-s{seed}.pt"))
+            records = load_records(run)
+            if protocol.finished(records, cfg.token_budget, cfg.max_steps):
+                print(f"== {arm}, seed {seed}: finished ({records[-1]['step']} steps), kept: {run}", flush=True)
+            else:
+                state = f"resuming after step {records[-1]['step']}" if records else "starting"
+                print(f"== {arm}, seed {seed}: {state} -> {run}", flush=True)
+                Trainer(cfg, progress=args.progress).run()
             run_dirs.append(run)
-    table, paths = _compare_report(out, summaries, run_dirs)
+    tables, paths = _compare_report(out, run_dirs)
     print()
-    print(table)
-    print("\nresults:", out / "results.md", "|", out / "results.json")
+    print(tables)
+    print("\nresults:", out / "results.md", "|", out / "differences.md", "|", out / "results.json")
     _print_paths(paths)
     return 0
 
@@ -327,12 +383,12 @@ def report_only(argv: list[str]) -> int:
     if not out.is_dir():
         raise SystemExit(f"appo-train report: --out: {out} is not a directory")
     if (out / "metrics.jsonl").exists():
-        paths = _run_report(out, summarize(_load_records([out])))
+        paths = _run_report(out, summarize(load_records(out)))
     else:
         run_dirs = sorted(d for d in out.iterdir() if (d / "metrics.jsonl").exists())
         if not run_dirs:
             raise SystemExit(f"appo-train report: --out: no metrics.jsonl in {out} or its sub-directories")
-        paths = _compare_report(out, [summarize(_load_records([d])) for d in run_dirs], run_dirs)[1]
+        paths = _compare_report(out, run_dirs)[1]
     _print_paths(paths)
     return 0
 

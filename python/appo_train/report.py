@@ -202,6 +202,60 @@ def plot_comparison(results: list[dict], out_path: Path) -> Path:
     return _save(fig, out_path)
 
 
+def plot_efficiency(runs: list[dict], budget: float, unit: str, out_path: Path) -> Path:
+    """Sample-efficiency curves: held-out success against `unit` (each run's `curve` = [x, y], its evaluations)
+    per arm, the seed mean of the runs interpolated onto a common grid over [0, budget] with a min..max band;
+    the legend gives each arm's mean area (the curve's mean over the budget)."""
+    if not runs:
+        raise ValueError("plot_efficiency: no runs")
+    by_arm: dict[str, list[dict]] = {}
+    for run in runs:
+        by_arm.setdefault(str(run["arm"]), []).append(run)
+    colors = _algo_colors(by_arm)
+    grid = np.linspace(0.0, float(budget), 101)
+    fig, axes = _new_figure(1, 1, (9.0, 5.0))
+    ax = axes[0, 0]
+    for arm, rs in by_arm.items():
+        ys = np.array([np.interp(grid, *r["curve"]) for r in rs])
+        area = float(np.mean([r["area"] for r in rs]))
+        if len(rs) > 1:
+            ax.fill_between(grid, ys.min(0), ys.max(0), color=colors[arm], alpha=0.12, linewidth=0)
+        ax.plot(grid, ys.mean(0), color=colors[arm], linewidth=1.8, label=f"{arm} ({len(rs)} seeds): area {area:.3f}")
+    ax.set_xlabel(unit)
+    ax.set_ylabel("held-out success")
+    ax.set_xlim(0.0, float(budget))
+    ax.set_ylim(-0.02, 1.02)
+    ax.xaxis.set_major_formatter(lambda v, _: _human(v))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Held-out success against {unit}: seed mean (linear between evaluations), band = min..max over "
+                 f"seeds; area = mean over the budget", fontsize=10)
+    return _save(fig, out_path)
+
+
+def plot_differences(diffs: list[dict], metrics: Iterable[tuple[str, str]], out_path: Path) -> Path:
+    """Paired differences arm - baseline (`{key}_diff`, `{key}_lo`, `{key}_hi` per row) with their confidence
+    intervals, one panel per metric `(key, label)`, a line at 0."""
+    if not diffs:
+        raise ValueError("plot_differences: no differences")
+    metrics = list(metrics)
+    names = [f"{d['arm']} - {d['baseline']}" for d in diffs]
+    y = np.arange(len(diffs))[::-1]
+    fig, axes = _new_figure(1, len(metrics), (5.0 * len(metrics), 1.0 + 0.45 * len(diffs)))
+    colors = _algo_colors(d["arm"] for d in diffs)
+    for ax, (key, label) in zip(axes.flat, metrics):
+        for yi, d in zip(y, diffs):
+            mid, lo, hi = d[f"{key}_diff"], d[f"{key}_lo"], d[f"{key}_hi"]
+            ax.errorbar(mid, yi, xerr=[[mid - lo], [hi - mid]], fmt="o", color=colors[d["arm"]], capsize=3)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(y, names, fontsize=8)
+        ax.set_xlabel(f"difference in {label}")
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Paired differences (same seed, same warm start): mean over seeds, 95% bootstrap interval",
+                 fontsize=10)
+    return _save(fig, out_path)
+
+
 # ----------------------------------------------------------------------------------------------- colours
 
 
