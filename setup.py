@@ -99,6 +99,8 @@ def _extensions():
     try:
         import pybind11
     except ImportError:
+        if _flag("APPO_KERNELS_BUILD_NATIVE"):  # asked for explicitly: a silent skip would hide the failure
+            raise RuntimeError("APPO_KERNELS_BUILD_NATIVE=1 but pybind11 is not installed (pip install pybind11)")
         sys.stderr.write("appo_kernels: pybind11 is not installed; skipping the native extensions\n")
         return []
     san_compile, san_link = _sanitizer_flags()

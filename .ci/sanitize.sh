@@ -13,6 +13,8 @@ repo="$(pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
+# the build needs pybind11, which the editable install took only into its isolated build environment
+python -m pip install -q "pybind11>=2.12"
 APPO_KERNELS_SANITIZE=address,undefined APPO_KERNELS_BUILD_NATIVE=1 APPO_KERNELS_BUILD_CUDA=0 \
   python setup.py -q build_ext --build-lib "$work/lib" --build-temp "$work/tmp" >/dev/null
 # The sanitized module beside a copy of the Python package; run from $work so that this copy is the one imported.
