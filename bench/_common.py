@@ -1,4 +1,4 @@
-"""Contenders, inputs and helpers shared by bench/run.py and the pytest-benchmark files.
+"""Contenders, inputs, timing and checks shared by the harness (bench/run.py) and the pytest-benchmark files.
 
 Contenders:
 - ours      `appo_kernels` public API, one per backend in `ak.available_backends()`.
@@ -13,13 +13,13 @@ Every eager reference here is written from docs/method.md / docs/api.md independ
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import math
 import os
 import platform
-import statistics
-import sys
+import subprocess
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -104,16 +104,47 @@ class OtherLoad:
         return False
 
 
-def header_lines(extra: Sequence[str] = ()) -> List[str]:
-    """The machine and versions, as markdown bullet lines."""
-    return [
-        f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M:%S %Z')}",
-        f"- cpu: {cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})",
-        f"- python {platform.python_version()}, torch {torch.__version__}, appo_kernels {ak.__version__}",
-        f"- backends: {', '.join(ak.available_backends())}",
-        f"- platform: {platform.platform()}",
-        *extra,
-    ]
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> Tuple[str, bool]:
+    """(HEAD's commit, whether tracked files differ from it); ("unknown", False) outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+        return head, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+def machine(device: torch.device) -> Dict[str, object]:
+    """The machine, versions and commit: the fields every data row carries."""
+    commit, dirty = git_commit()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "liger_kernel": _version("liger-kernel"),
+        "appo_kernels": ak.__version__,
+        "backends": ak.available_backends(),
+        "platform": platform.platform(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,19 +153,25 @@ def header_lines(extra: Sequence[str] = ()) -> List[str]:
 
 
 CPU = torch.device("cpu")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+_L2_FLUSH: Dict[torch.device, torch.Tensor] = {}
 
 
 def time_once(fn: Callable[[], object], device: torch.device = CPU) -> float:
-    sync(device)
-    t0 = time.perf_counter()
+    """Seconds of one call: perf_counter on CPU; on CUDA, events around the call after overwriting a 256 MiB
+    buffer (so a small input is not served from the last call's L2 cache, as triton.testing.do_bench does)."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    if device not in _L2_FLUSH:
+        _L2_FLUSH[device] = torch.empty(256 << 20, dtype=torch.int8, device=device)
+    _L2_FLUSH[device].zero_()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     fn()
-    sync(device)
-    return time.perf_counter() - t0
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e-3
 
 
 def measure(contenders: Sequence[Tuple[str, Callable[[], object], int]], warmup: int = 1,
@@ -142,11 +179,14 @@ def measure(contenders: Sequence[Tuple[str, Callable[[], object], int]], warmup:
     """Time each (name, fn, repeats) `repeats` times after `warmup` untimed calls.
 
     Repeats are interleaved round-robin (a, b, c, a, b, c, ...) so that slow drifts of a noisy machine
-    (frequency, other tenants) hit every contender alike. Returns name -> list of seconds.
+    (frequency, other tenants) hit every contender alike, and the i-th repeats of two contenders ran side by
+    side (the renderer's ratios pair them). Returns name -> list of seconds.
     """
     for _, fn, _ in contenders:
         for _ in range(warmup):
             fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times: Dict[str, List[float]] = {name: [] for name, _, _ in contenders}
     for rep in range(max(r for _, _, r in contenders)):
         for name, fn, reps in contenders:
@@ -155,8 +195,14 @@ def measure(contenders: Sequence[Tuple[str, Callable[[], object], int]], warmup:
     return times
 
 
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak device memory of one call of fn() above what was allocated before it, in MiB (CUDA only)."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,11 +210,12 @@ def median(xs: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_logits(n: int, v: int, dtype: torch.dtype, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_logits(n: int, v: int, dtype: torch.dtype, seed: int = 0,
+                device: torch.device = CPU) -> Tuple[torch.Tensor, torch.Tensor]:
     """Logits [n, v] with a realistic spread (std 3, so the softmax is peaked but not one-hot) and tokens
-    sampled from that softmax (so logp is not uniformly tiny)."""
-    g = torch.Generator().manual_seed(seed)
-    x = (3.0 * torch.randn(n, v, generator=g)).to(dtype)
+    sampled from that softmax (so logp is not uniformly tiny), generated on `device`."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = (3.0 * torch.randn(n, v, generator=g, device=device)).to(dtype)
     probs = torch.softmax(x.float(), dim=-1)
     tokens = torch.multinomial(probs, 1, generator=g).squeeze(1)
     return x, tokens
@@ -218,11 +265,13 @@ def compile_fn(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
-def check_token_stats(got, ref, logits: torch.Tensor, k: int, what: str) -> None:
+def check_token_stats(got, ref, logits: torch.Tensor, k: int, what: str,
+                      log_probs: Optional[torch.Tensor] = None) -> None:
     """Compare (logp, entropy, topk_ids, topk_logp) with the eager reference `ref`.
 
     Top-k ids are compared through the log-probs they pick (bf16 logits have ties, which torch.topk may
-    order either way); the top-k log-probs themselves must match.
+    order either way); the top-k log-probs themselves must match. `log_probs`: log_softmax of the logits in
+    fp32, when the caller has it already.
     """
     logp, ent, ids, top_lp = got
     r_logp, r_ent, _, r_top_lp = ref
@@ -233,7 +282,8 @@ def check_token_stats(got, ref, logits: torch.Tensor, k: int, what: str) -> None
     if k:
         torch.testing.assert_close(top_lp.float(), r_top_lp.float(), **close,
                                    msg=lambda m: f"{what} topk_logp: {m}")
-        picked = torch.log_softmax(logits.detach().float(), -1).gather(-1, ids.long())
+        lp = log_probs if log_probs is not None else torch.log_softmax(logits.detach().float(), -1)
+        picked = lp.gather(-1, ids.long())
         torch.testing.assert_close(picked, r_top_lp.float(), **close, msg=lambda m: f"{what} topk_ids: {m}")
 
 
@@ -294,9 +344,9 @@ def make_tree(B: int, T: int, lengths: torch.Tensor, group_size: int = 8, seed: 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def decay_matrix(T: int, gamma: float, dtype=torch.float32) -> torch.Tensor:
+def decay_matrix(T: int, gamma: float, dtype=torch.float32, device: torch.device = CPU) -> torch.Tensor:
     """U[t, k] = gamma^(k - t) for k >= t, else 0 ([T, T])."""
-    idx = torch.arange(T, dtype=dtype)
+    idx = torch.arange(T, dtype=dtype, device=device)
     dist = idx[None, :] - idx[:, None]
     return torch.triu(torch.pow(gamma, dist.clamp(min=0)))
 
@@ -306,9 +356,9 @@ def dense_future_values(logp, logp_old, mask, gamma: float = 1.0, clip_eps: floa
     rollout, so the ratio against ours is a lower bound), then per rollout r = mask * (logp - logp_old),
     F = U @ r, omega = clip(exp(clip(F, -20, 20)), 1 - eps, 1 + eps). Returns (omega, gain), 0 where masked."""
     B, T = logp.shape
-    U = decay_matrix(T, gamma)
-    omega = torch.zeros(B, T)
-    gain = torch.zeros(B, T)
+    U = decay_matrix(T, gamma, device=logp.device)
+    omega = torch.zeros(B, T, device=logp.device)
+    gain = torch.zeros(B, T, device=logp.device)
     for b in range(B):
         m = mask[b].float()
         r = m * (logp[b].float() - logp_old[b].float())
@@ -331,8 +381,8 @@ def eager_score_tokens(entropy, logp, logp_old, mask, eligible, gamma: float = 1
     """method §3 per rollout: Z(entropy) * Z(omega) over eligible & mask positions; -inf elsewhere."""
     omega, _ = dense_future_values(logp, logp_old, mask, gamma, clip_eps)
     B, T = entropy.shape
-    score = torch.full((B, T), float("-inf"))
-    candidate = torch.zeros(B, T, dtype=torch.bool)
+    score = torch.full((B, T), float("-inf"), device=entropy.device)
+    candidate = torch.zeros(B, T, dtype=torch.bool, device=entropy.device)
     for b in range(B):
         el = eligible[b] & mask[b]
         zh, zo = _zscore(entropy[b], el), _zscore(omega[b], el)
@@ -346,9 +396,9 @@ def eager_future_kl_weights(logp, logp_old, advantages, mask, gamma: float = 2 *
                             ratio_threshold: float = 6.0):
     """method §6 (high_only) with the dense U, per rollout. Returns (weights, advantages_out)."""
     B, T = logp.shape
-    U = decay_matrix(T, gamma)
-    weights = torch.zeros(B, T)
-    adv_out = torch.zeros(B, T)
+    U = decay_matrix(T, gamma, device=logp.device)
+    weights = torch.zeros(B, T, device=logp.device)
+    adv_out = torch.zeros(B, T, device=logp.device)
     for b in range(B):
         m = mask[b].float()
         delta = (logp[b].float() - logp_old[b].float()).clamp(-20, 20)
@@ -492,6 +542,3 @@ def check_policy_loss(got, ref, what: str) -> None:
     torch.testing.assert_close(loss, r_loss, atol=1e-6, rtol=1e-5, msg=lambda m: f"{what} loss: {m}")
     torch.testing.assert_close(grad, r_grad, atol=1e-9, rtol=1e-4, msg=lambda m: f"{what} grad: {m}")
 
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -1,17 +1,25 @@
-"""Side-by-side micro-benchmarks of appo_kernels against plain torch, torch.compile and memory floors.
+"""The benchmark harness: every measurement case on one device, written as data (one JSON object a line).
 
-    python bench/run.py                               # full sizes (several minutes on 2 cores)
-    python bench/run.py --quick                       # small sizes, a smoke check (< 1 minute)
-    python bench/run.py --out bench/results/cpu.md    # also write the markdown report there
+    python bench/run.py --wait-idle 1500 --retries 2     # CPU, full sweep -> bench/results/cpu.jsonl
+    python bench/run.py --device cuda                    # GPU suite -> bench/results/gpu.jsonl (bench/gpu_check.sh)
+    python bench/run.py --quick                          # tiny shapes, few repeats: the harness's smoke check
+    python bench/render.py                               # the data -> bench/results/*.md and the README's tables
 
-Every contender of a case is timed in the same process, interleaved round-robin, and reported as the median
-of its repeats, with its ratio to ours and to the plain read of the same tensor. See bench/README.md.
+A case builds its inputs, checks every contender's output against an independent eager reference, then times
+the contenders interleaved round-robin in one process. Each contender gives one row per metric (time; peak
+memory on CUDA) with its median, quartiles, min, max, every repeat, and the run's machine, versions, commit
+and load. Ratios (forward / read, top-k / forward, ...) are computed by bench/render.py from repeats that ran
+side by side. See bench/README.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import json
+import math
 import os
+import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -21,403 +29,519 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import appo_kernels as ak  # noqa: E402
+from appo_kernels import backends as ak_backends  # noqa: E402
 from _common import (SEQ_GAMMA, OtherLoad, check_future_kl, check_future_values, check_grad,  # noqa: E402
                      check_policy_loss, check_procedure, check_scores, check_token_stats, compile_fn,
                      dense_future_values, eager_future_kl_weights, eager_policy_loss_fwd_bwd,
-                     eager_procedure_advantages, eager_score_tokens, eager_token_stats, fwd_bwd, header_lines,
-                     load_average, make_logits, make_seq_batch, make_tree, measure, median,
-                     ours_future_kl_weights, ours_future_values, ours_policy_loss_fwd_bwd,
-                     ours_procedure_advantages, ours_score_tokens, ours_token_stats, prime_allocator, read_floor,
-                     read_write_floor)
+                     eager_procedure_advantages, eager_score_tokens, eager_token_stats, fwd_bwd, load_average,
+                     machine, make_logits, make_seq_batch, make_tree, measure, ours_future_kl_weights,
+                     ours_future_values, ours_policy_loss_fwd_bwd, ours_procedure_advantages, ours_score_tokens,
+                     ours_token_stats, peak_memory_mib, prime_allocator, read_floor, read_write_floor)
 
 try:
     from tqdm import tqdm
 except ImportError:  # tqdm is optional: plain progress lines instead
     tqdm = None
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# dynamo keys its cache on the code object: the eager function is recompiled per dtype / top-k / grad mode.
-for _attr in ("recompile_limit", "cache_size_limit"):
-    if hasattr(torch._dynamo.config, _attr):
-        setattr(torch._dynamo.config, _attr, 64)
+# ----------------------------------------------------------------------------------------------------------
+# what is measured
+# ----------------------------------------------------------------------------------------------------------
 
 
-class Sizes:
-    def __init__(self, quick: bool):
-        self.quick = quick
-        self.n, self.v = (256, 4096) if quick else (2048, 32000)
-        self.fv_b, self.fv_ts = (4, (256, 512, 1024)) if quick else (16, (1024, 4096, 8192))
-        self.seq_b, self.seq_t = (8, 1024) if quick else (64, 8192)
-        self.repeats = 5 if quick else 7
-        self.dense_big_repeats = 3          # the dense O(T^2) baseline at the largest T
-        self.topk_repeats = 5               # ours with top-k is slow on CPU (see README); >= 5 still
+@dataclasses.dataclass
+class Config:
+    """Shapes and repeats of one suite (cpu or gpu) in full or quick mode."""
+    suite: str
+    device: torch.device
+    quick: bool
+    compile: bool
+    fwd_shapes: List[Tuple[int, int]]       # logits [N, V]; the first is where every contender runs
+    fwd_dtypes: List[str]
+    bwd_dtypes: List[str]
+    ks: List[int]                           # top-k of ours at every shape
+    contender_ks: List[int]                 # top-k of the comparison contenders (eager, torch backend; first shape)
+    compile_ks: List[int]                   # top-k of torch.compile (first shape; one compile each)
+    fv_b: int                               # future_values vs the dense O(T^2) matrix: B rollouts, lengths fv_ts
+    fv_ts: List[int]
+    seq_b: int                              # the other sequence ops at B x T
+    seq_t: int
+    repeats: int
+    warmup: int
+    packed: List[List[int]] = dataclasses.field(default_factory=list)   # GPU: packed scans (segment lengths)
+
+
+def make_config(suite: str, device: torch.device, quick: bool, use_compile: bool) -> Config:
+    if suite == "cpu":
+        if quick:
+            return Config(suite, device, quick, use_compile, [(64, 512)], ["fp32", "bf16"], ["fp32"],
+                          [0, 5], [0, 5], [0, 5], 4, [64], 8, 256, 2, 1)
+        # the vocabularies of real models: Llama 2 / Mistral 32000, StarCoder 2 49152, Llama 3 128256,
+        # Qwen 2.5 / 3 151936; the rows keep each near the issue-13 shapes ([2048, 32000], [1024, 128256],
+        # [512, 151936]) so one case takes a fraction of a second per repeat
+        return Config(suite, device, quick, use_compile,
+                      [(2048, 32000), (1024, 49152), (1024, 128256), (512, 151936)], ["fp32", "bf16", "fp16"],
+                      ["fp32", "bf16", "fp16"], [0, 5, 16], [0, 5], [0, 5], 16, [1024, 4096, 8192], 64, 8192, 7, 1)
+    if quick:   # the GPU suite's code paths at tiny sizes (runs on CPU too: the harness's own test)
+        return Config(suite, device, quick, use_compile, [(64, 512)], ["bf16"], ["bf16"], [0, 10],
+                      [0, 10], [0], 4, [64], 8, 256, 2, 1, packed=[[256] * 4])
+    return Config(suite, device, quick, use_compile,
+                  [(16384, 151936), (8192, 151936), (64, 151936), (16384, 32000), (16384, 49152), (16384, 128256)],
+                  ["bf16", "fp32"], ["bf16", "fp32"], [0, 10], [0, 10], [0], 16, [8192], 64, 8192, 20, 3,
+                  packed=[[8192] * 512, [1 << 22]])
+
+
+@dataclasses.dataclass
+class Contender:
+    name: str                         # "ours[native]", "eager", "read", ...
+    fn: Callable[[], object]
+    op: str                           # what it computes: token_stats_fwd, read, exp, future_values, ...
+    backend: str = ""
+    k: int = 0
+    elements: Optional[int] = None    # elements processed (the exp-throughput contender)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name} k={self.k}"
+
+
+@dataclasses.dataclass
+class Case:
+    label: str
+    family: str                       # token_stats_fwd, token_stats_fwd_bwd, future_values, seq_ops, packed_scan
+    shape: List[int]
+    dtype: str
+    build: Callable[[], List[Contender]]   # inputs and correctness checks; returns the contenders to time
+
+
+def ours_backends(device: torch.device, op: str, dtype: torch.dtype) -> List[str]:
+    """The backends that run `op` on `device` for `dtype`, in the order backend='auto' tries them (so the
+    first is what 'auto' picks; the Triton interpreter on CPU, a test tool, is not among them)."""
+    return [b for b in ak_backends.PREFERENCE[device.type] if ak_backends.runs(b, op, device, dtype)]
+
+
+EXP_BLOCK = 1 << 20   # 4 MiB of fp32 in, 4 MiB out: cache-resident, large enough that call overhead is small
+
+
+def exp_contender(elements: int, device: torch.device) -> Contender:
+    """torch.exp over a cache-resident fp32 block, repeated until `elements` exps are done: what the forward's
+    one exp per logit costs at the machine's exp throughput on torch's threads, with no memory traffic."""
+    block = torch.randn(min(EXP_BLOCK, elements), device=device)
+    out = torch.empty_like(block)
+    iters = max(1, math.ceil(elements / block.numel()))
+
+    def run():
+        for _ in range(iters):
+            torch.exp(block, out=out)
+    return Contender("exp bound", run, "exp", elements=iters * block.numel())
+
+
+def token_fwd_case(cfg: Config, n: int, v: int, dn: str, everyone: bool) -> List[Contender]:
+    """token_stats forward: ours at each top-k (on every backend in the GPU suite; on CPU the torch backend only
+    where `everyone`), the floors (one read; GPU suite: a device copy; CPU suite: the exp bound), and where
+    `everyone`, torch eager, torch.compile, Liger and (GPU suite) the Branching Score."""
+    dev = cfg.device
+    x, tok = make_logits(n, v, DTYPES[dn], device=dev)
+    label = f"fwd {dn} [{n}, {v}]"
+    out = [Contender("read", lambda: read_floor(x), "read")]
+    if cfg.suite == "gpu":
+        y = torch.empty_like(x)
+        out.append(Contender("copy", lambda: y.copy_(x), "copy"))
+    else:
+        out.append(exp_contender(n * v, dev))
+    ks = sorted(set(cfg.ks) | (set(cfg.contender_ks) if everyone else set()))
+    # one eager pass for every k: torch.topk's sorted top-k of the largest k holds the smaller ones
+    lp = torch.log_softmax(x.float(), -1)
+    logp, ent, ids, top = eager_token_stats(x, tok, max(ks))
+    for k in ks:
+        ref = (logp, ent, ids[:, :k], top[:, :k])
+        for i, b in enumerate(ours_backends(dev, "token_stats", DTYPES[dn])):
+            if i == 0 or cfg.suite == "gpu" or everyone and k in cfg.contender_ks:
+                check_token_stats(ours_token_stats(x, tok, k, backend=b), ref, x, k, f"{label} ours[{b}] k={k}", lp)
+                out.append(Contender(f"ours[{b}]", lambda b=b, k=k: ours_token_stats(x, tok, k, backend=b),
+                                     "token_stats_fwd", backend=b, k=k))
+    del lp, logp, ent, ids, top
+    if not everyone:
+        return out
+    for k in cfg.contender_ks:
+        out.append(Contender("eager", lambda k=k: eager_token_stats(x, tok, k), "token_stats_fwd", k=k))
+    if cfg.compile:
+        for k in cfg.compile_ks:
+            torch._dynamo.reset()
+            comp = compile_fn(eager_token_stats)
+            check_token_stats(comp(x, tok, k), eager_token_stats(x, tok, k), x, k, f"{label} compiled k={k}")
+            out.append(Contender("torch.compile", lambda comp=comp, k=k: comp(x, tok, k), "token_stats_fwd", k=k))
+    liger = liger_logp(dev)
+    if liger is not None:
+        xl = x.clone()   # Liger's cross entropy may write its gradient over its input: its own copy
+        torch.testing.assert_close(liger(xl, tok).float(), eager_token_stats(x, tok)[0], atol=2e-3, rtol=2e-3)
+        out.append(Contender("liger (logp only)", lambda: liger(xl, tok), "cross_entropy"))
+    if cfg.suite == "gpu":
+        out += branching_score_contenders(cfg, x, tok, label)
+    return out
+
+
+def liger_logp(device: torch.device) -> Optional[Callable]:
+    """Liger-Kernel's cross entropy, reduction none (= -logp): its nearest op to token_stats; CUDA only."""
+    if device.type != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except ImportError:
+        return None
+    return lambda logits, tokens: -liger_cross_entropy(logits, tokens, reduction="none")
+
+
+def branching_score_contenders(cfg: Config, x: torch.Tensor, tok: torch.Tensor, label: str) -> List[Contender]:
+    """ak.branching_score from the logits (token statistics, Omega and the score in one call), rows read as
+    rollouts of up to 2048 tokens; checked against the eager token statistics + the dense-U score."""
+    n, v = x.shape
+    t = min(n, 2048)
+    b = n // t
+    x3, tok3 = x[: b * t].view(b, t, v), tok[: b * t].view(b, t)
+    d = make_seq_batch(b, t, seed=3)
+    logp_old, mask, eligible = (d[key].to(x.device) for key in ("logp_old", "mask", "eligible"))
+    logp, ent, _, _ = eager_token_stats(x3.reshape(-1, v), tok3.reshape(-1))
+    score, cand, _ = eager_score_tokens(ent.view(b, t).cpu(), logp.view(b, t).cpu(), logp_old.cpu(), mask.cpu(),
+                                        eligible.cpu(), SEQ_GAMMA)
+    out = []
+    for bk in ours_backends(cfg.device, "token_stats", x.dtype):
+        run = (lambda bk=bk: ak.branching_score(x3, tok3, logp_old, mask, eligible=eligible, gamma=SEQ_GAMMA,
+                                                backend=bk))
+        check_scores(run(), score.to(x.device), cand.to(x.device), f"{label} branching_score ours[{bk}]")
+        out.append(Contender(f"branching_score ours[{bk}]", run, "branching_score", backend=bk))
+    return out
+
+
+def token_fwd_bwd_case(cfg: Config, n: int, v: int, dn: str, everyone: bool) -> List[Contender]:
+    """Forward + backward of logp.sum() + entropy.sum() w.r.t. the logits, against one read + one write."""
+    dev = cfg.device
+    x0, tok = make_logits(n, v, DTYPES[dn], device=dev)
+    x = x0.requires_grad_(True)
+    label = f"fwd+bwd {dn} [{n}, {v}]"
+    ref = fwd_bwd(eager_token_stats, x, tok).clone()
+    x.grad = None
+    out = [Contender("read+write", lambda: read_write_floor(x), "read+write")]
+    if cfg.suite == "gpu":
+        y = torch.empty_like(x0.detach())
+        out.append(Contender("copy", lambda: y.copy_(x.detach()), "copy"))
+    for i, b in enumerate(ours_backends(dev, "token_stats", DTYPES[dn])):
+        if i and not (everyone or cfg.suite == "gpu"):
+            break
+        stats = lambda lg, tk, k, b=b: ours_token_stats(lg, tk, k, backend=b)  # noqa: E731
+        check_grad(fwd_bwd(stats, x, tok), ref, f"{label} ours[{b}]")
+        out.append(Contender(f"ours[{b}]", lambda stats=stats: fwd_bwd(stats, x, tok), "token_stats_fwd_bwd",
+                             backend=b))
+        if cfg.suite == "gpu":   # the gradient written over the logits: its own copy, overwritten every call
+            xi = x.detach().clone().requires_grad_(True)
+            check_grad(inplace_fwd_bwd(xi, tok, b), ref, f"{label} ours[{b}] inplace_backward")
+            out.append(Contender(f"ours[{b}] inplace_backward", lambda xi=xi, b=b: inplace_fwd_bwd(xi, tok, b),
+                                 "token_stats_fwd_bwd", backend=b))
+    if not everyone:
+        return out
+    out.append(Contender("eager", lambda: fwd_bwd(eager_token_stats, x, tok), "token_stats_fwd_bwd"))
+    if cfg.compile:
+        torch._dynamo.reset()
+        comp = compile_fn(eager_token_stats)
+        check_grad(fwd_bwd(comp, x, tok), ref, f"{label} compiled")
+        out.append(Contender("torch.compile", lambda: fwd_bwd(comp, x, tok), "token_stats_fwd_bwd"))
+    liger = liger_logp(dev)
+    if liger is not None:
+        xl = x0.detach().clone().requires_grad_(True)
+
+        def liger_fwd_bwd():
+            xl.grad = None
+            liger(xl, tok).sum().backward()
+        out.append(Contender("liger (logp only)", liger_fwd_bwd, "cross_entropy_fwd_bwd"))
+    return out
+
+
+def inplace_fwd_bwd(x: torch.Tensor, tok: torch.Tensor, backend: str) -> torch.Tensor:
+    """token_stats(inplace_backward=True) through a non-leaf view of the leaf `x`: the backward writes the
+    gradient over x's memory (the logits are gone afterwards). Returns the gradient."""
+    x.grad = None
+    st = ak.token_stats(x.view_as(x), tok, inplace_backward=True, backend=backend)
+    (st.logp.sum() + st.entropy.sum()).backward()
+    return x.grad
+
+
+def future_values_case(cfg: Config, T: int) -> List[Contender]:
+    """Omega (method §2): ours on every backend vs the authors' dense O(T^2) U @ r, both checked first."""
+    d = {k: t.to(cfg.device) for k, t in make_seq_batch(cfg.fv_b, T).items()}
+    omega_ref, gain_ref = dense_future_values(d["logp"].cpu(), d["logp_old"].cpu(), d["mask"].cpu(), SEQ_GAMMA)
+    out = []
+    for b in ours_backends(cfg.device, "reverse_discounted_scan", torch.float32):
+        check_future_values(ours_future_values(d, b), omega_ref.to(cfg.device), gain_ref.to(cfg.device),
+                            f"future_values T={T} ours[{b}]")
+        out.append(Contender(f"ours[{b}]", lambda b=b: ours_future_values(d, b), "future_values", backend=b))
+    out.append(Contender("dense U@r (authors)",
+                         lambda: dense_future_values(d["logp"], d["logp_old"], d["mask"], SEQ_GAMMA),
+                         "future_values"))
+    return out
+
+
+def seq_op_cases(cfg: Config) -> List[Case]:
+    """score_tokens, procedure_advantages, future_kl_weights and policy_loss fwd+bwd at B x T, each checked
+    once against its independent eager reference (dense U / per-rollout loops) before timing."""
+    B, T = cfg.seq_b, cfg.seq_t
+    state: Dict[str, object] = {}
+
+    def batch():
+        if "d" not in state:
+            d = make_seq_batch(B, T)
+            state["tree"] = make_tree(B, T, d["lengths"])
+            state["d"] = d
+        return state["d"], state["tree"]
+
+    def bks():
+        return ours_backends(cfg.device, "reverse_discounted_scan", torch.float32)
+
+    def score_tokens():
+        d, _ = batch()
+        ref, cand, _ = eager_score_tokens(d["entropy"], d["logp"], d["logp_old"], d["mask"], d["eligible"], SEQ_GAMMA)
+        out = []
+        for b in bks():
+            check_scores(ours_score_tokens(d, b), ref, cand, f"score_tokens ours[{b}]")
+            out.append(Contender(f"ours[{b}]", lambda b=b: ours_score_tokens(d, b), "score_tokens", backend=b))
+        return out
+
+    def procedure():
+        d, tree = batch()
+        refs = eager_procedure_advantages(tree["rewards"], tree["group_ids"], tree["parent"], tree["split"],
+                                          d["mask"], tree["branch_score"])
+        out = []
+        for b in bks():
+            check_procedure(ours_procedure_advantages(d, tree, b), *refs, f"procedure_advantages ours[{b}]")
+            out.append(Contender(f"ours[{b}]", lambda b=b: ours_procedure_advantages(d, tree, b),
+                                 "procedure_advantages", backend=b))
+        return out
+
+    def future_kl():
+        d, _ = batch()
+        w, a = eager_future_kl_weights(d["logp"], d["logp_old"], d["advantages"], d["mask"])
+        out = []
+        for b in bks():
+            check_future_kl(ours_future_kl_weights(d, b), w, a, f"future_kl_weights ours[{b}]")
+            out.append(Contender(f"ours[{b}]", lambda b=b: ours_future_kl_weights(d, b), "future_kl_weights",
+                                 backend=b))
+        return out
+
+    def loss():
+        d, _ = batch()
+        leaf = d["logp"].clone().requires_grad_(True)
+        check_policy_loss(ours_policy_loss_fwd_bwd(d, leaf), eager_policy_loss_fwd_bwd(d, leaf), "policy_loss")
+        # policy_loss has no backend argument: it is elementwise torch plus one reduction
+        return [Contender("ours", lambda: ours_policy_loss_fwd_bwd(d, leaf), "policy_loss_fwd_bwd")]
+
+    def on_device(build):
+        # the GPU suite moves the batch to the device once; the CPU suite runs it where it is made
+        def run():
+            if cfg.device.type != "cpu" and "moved" not in state:
+                d, tree = batch()
+                state["d"] = {k: t.to(cfg.device) for k, t in d.items()}
+                state["tree"] = {k: t.to(cfg.device) if torch.is_tensor(t) else t for k, t in tree.items()}
+                state["moved"] = True
+            return build()
+        return run
+
+    ops = [("score_tokens", score_tokens), ("future_kl_weights", future_kl)]
+    if cfg.suite == "cpu":   # the GPU suite times the kernels; these two are torch compositions on top
+        ops = [("score_tokens", score_tokens), ("procedure_advantages", procedure), ("future_kl_weights", future_kl),
+               ("policy_loss fwd+bwd", loss)]
+    return [Case(f"{op} B={B} T={T}", "seq_ops", [B, T], "fp32", on_device(build)) for op, build in ops]
+
+
+def packed_scan_case(cfg: Config, lens: List[int]) -> List[Contender]:
+    """future_values on packed segments (cu_seqlens), every GPU backend checked against the torch backend."""
+    n = sum(lens)
+    g = torch.Generator(device=cfg.device).manual_seed(1)
+    cu = torch.tensor([0] + lens, device=cfg.device).cumsum(0)
+    logp = torch.randn(n, device=cfg.device, generator=g) * 0.3 - 1
+    logp_old = logp + torch.randn(n, device=cfg.device, generator=g) * 0.05
+    mask = torch.rand(n, device=cfg.device, generator=g) > 0.2
+
+    def run(b):
+        return ak.future_values(logp, logp_old, mask, cu_seqlens=cu, gamma=SEQ_GAMMA, backend=b)
+    ref = run("torch")
+    out = []
+    for b in ours_backends(cfg.device, "reverse_discounted_scan", torch.float32):
+        got = run(b)
+        torch.testing.assert_close(got.omega, ref.omega, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.gain, ref.gain, atol=2e-4, rtol=1e-4)
+        out.append(Contender(f"ours[{b}]", lambda b=b: run(b), "future_values", backend=b))
+    return out
+
+
+def cases(cfg: Config) -> List[Case]:
+    out = []
+    for i, (n, v) in enumerate(cfg.fwd_shapes):
+        for dn in cfg.fwd_dtypes:
+            everyone = i == 0 and dn in ("fp32", "bf16")
+            if cfg.suite == "gpu" and dn == "fp32" and i:   # fp32 on the GPU: the largest shape only
+                continue
+            out.append(Case(f"token_stats fwd {dn} [{n}, {v}]", "token_stats_fwd", [n, v], dn,
+                            lambda n=n, v=v, dn=dn, e=everyone: token_fwd_case(cfg, n, v, dn, e)))
+    for i, (n, v) in enumerate(cfg.fwd_shapes):
+        for dn in cfg.bwd_dtypes:
+            if cfg.suite == "gpu" and (i > 1 or dn == "fp32" and i):
+                continue
+            everyone = i == 0 and dn in ("fp32", "bf16")
+            out.append(Case(f"token_stats fwd+bwd {dn} [{n}, {v}]", "token_stats_fwd_bwd", [n, v], dn,
+                            lambda n=n, v=v, dn=dn, e=everyone: token_fwd_bwd_case(cfg, n, v, dn, e)))
+    for T in cfg.fv_ts:
+        out.append(Case(f"future_values B={cfg.fv_b} T={T}", "future_values", [cfg.fv_b, T], "fp32",
+                        lambda T=T: future_values_case(cfg, T)))
+    out += seq_op_cases(cfg)
+    for lens in cfg.packed:
+        out.append(Case(f"future_values packed {len(lens)} x {lens[0]}", "packed_scan", [len(lens), lens[0]],
+                        "fp32", lambda lens=lens: packed_scan_case(cfg, lens)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running a case: waiting for a quiet machine, retries, rows
+# ----------------------------------------------------------------------------------------------------------
 
 
 class Progress:
-    """One progress line per case (a tqdm bar if tqdm is installed), and the other processes' CPU use during
-    each case (see _common.OtherLoad). With `wait_idle` > 0, waits before each case (at most that many
-    seconds) until the other processes have used < 0.1 cores for two consecutive seconds."""
+    """One progress line per case (a tqdm bar if tqdm is installed) and the other processes' CPU use during
+    each attempt (see _common.OtherLoad). `wait_idle` is the run's total budget, in seconds, for waiting until
+    other processes have used < 0.1 cores for two consecutive seconds: the first case may spend all of it,
+    every later attempt at most 30 s of what is left."""
 
     def __init__(self, total: int, wait_idle: float = 0.0):
         self.total, self.done, self.t0 = total, 0, time.perf_counter()
-        self.wait_idle = wait_idle
-        self.loads: List[List[str]] = []
-        self.max_load = 0.0
+        self.wait_left = wait_idle
         self.bar = tqdm(total=total, unit="case", file=sys.stderr) if tqdm is not None else None
 
-    def _wait(self) -> float:
+    def _wait(self, first: bool) -> Tuple[float, bool]:
+        """-> (seconds waited, whether two quiet seconds were seen)."""
+        limit = self.wait_left if first else min(30.0, self.wait_left)
         t0 = time.perf_counter()
         quiet = 0
-        while quiet < 2 and time.perf_counter() - t0 < self.wait_idle:
+        while quiet < 2 and time.perf_counter() - t0 < limit:
             with OtherLoad() as probe:
                 time.sleep(1.0)
             quiet = quiet + 1 if probe.cores < 0.1 else 0
-        return time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.wait_left = max(0.0, self.wait_left - waited)
+        return waited, quiet >= 2
 
-    def start(self, label: str) -> None:
-        waited = self._wait() if self.wait_idle > 0 else 0.0
-        self.waited = waited
-        if self.bar is not None:
-            self.bar.set_description(label)
-        else:
-            print(f"[{self.done + 1}/{self.total}] {label} ...", file=sys.stderr, flush=True)
-        self.load = OtherLoad().__enter__()
-
-    def end(self, label: str, final: bool = True) -> float:
-        """Close the case (or one attempt of it, `final=False`); returns the other processes' cores."""
-        self.load.__exit__(None, None, None)
-        took, cores = self.load.wall, self.load.cores
-        self.loads.append([label, f"{took:.1f}", f"{cores:.2f}", f"{self.waited:.0f}", ""])
-        if final:
-            self.done += 1
-            if self.bar is not None:
-                self.bar.update(1)
+    def _say(self, msg: str) -> None:
         if self.bar is None:
-            print(f"[{self.done if final else self.done + 1}/{self.total}] {label} done in {took:.1f}s, other "
-                  f"processes used {cores:.2f} cores (total {time.perf_counter() - self.t0:.0f}s)",
-                  file=sys.stderr, flush=True)
-        return cores
+            print(msg, file=sys.stderr, flush=True)
 
-    def run_case(self, label: str, fn: Callable[[], tuple], retries: int = 0, threshold: float = 0.25):
-        """Run `fn` (-> (rows, extra)) once, or again up to `retries` times while other processes used more
-        than `threshold` cores during it; returns the result of the attempt with the least other load."""
+    def run_case(self, case: Case, device: torch.device, warmup: int, repeats: int, retries: int,
+                 threshold: float = 0.25) -> Tuple[List[Contender], Dict[str, List[float]], Dict[str, object]]:
+        """Build and time `case`, again up to `retries` times while other processes used more than `threshold`
+        cores during it; returns the attempt with the least other load: (contenders, times, load info)."""
         best = None
         for attempt in range(retries + 1):
-            name = label if attempt == 0 else f"{label} (attempt {attempt + 1})"
-            self.start(name)
-            out = fn()
-            last = attempt == retries
-            cores = self.end(name, final=False)
-            if best is None or cores < best[0]:
-                best = (cores, out, len(self.loads) - 1)
-            if cores <= threshold or last:
+            waited, quiet = self._wait(self.done == 0 and attempt == 0) if self.wait_left > 0 else (0.0, False)
+            if self.bar is not None:
+                self.bar.set_description(case.label)
+            self._say(f"[{self.done + 1}/{self.total}] {case.label}" + (f" (attempt {attempt + 1})" if attempt else ""))
+            with OtherLoad() as load:
+                contenders = case.build()
+                times = measure([(c.key, c.fn, repeats) for c in contenders], warmup=warmup, device=device)
+            info = {"other_load_cores": round(load.cores, 3), "case_wall_s": round(load.wall, 2),
+                    "waited_idle_s": round(waited, 1), "quiet_before": quiet, "attempt": attempt + 1}
+            self._say(f"    {load.wall:.1f} s, other processes {load.cores:.2f} cores "
+                      f"(total {time.perf_counter() - self.t0:.0f} s)")
+            if best is None or load.cores < best[2]["other_load_cores"]:
+                best = (contenders, times, info)
+            else:
+                del contenders, times
+            if load.cores <= threshold:
                 break
+            gc.collect()
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)
-        self.max_load = max(self.max_load, best[0])
-        self.loads[best[2]][-1] = "yes"
-        return best[1]
+        best[2]["attempts"] = attempt + 1
+        return best
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def fmt_ms(s: float) -> str:
-    ms = s * 1e3
-    return f"{ms:.1f}" if ms >= 100 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
+def summary(xs: Sequence[float]) -> Dict[str, float]:
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": min(xs), "max": max(xs),
+            "n_repeats": len(xs)}
 
 
-def fmt_ratio(r: Optional[float]) -> str:
-    return "" if r is None else f"{r:.2f}x"
-
-
-def ratio_rows(case: str, times: Dict[str, List[float]], ours: str, floor: Optional[str]) -> List[List[str]]:
-    """Table rows: case, contender, median, min-max, reps, time / ours, time / floor."""
+def case_rows(case: Case, contenders: List[Contender], times: Dict[str, List[float]], info: Dict[str, object],
+              device: torch.device) -> List[Dict[str, object]]:
     rows = []
-    base = median(times[ours])
-    fl = median(times[floor]) if floor else None
-    for name, ts in times.items():
-        med = median(ts)
-        rows.append([case, name, fmt_ms(med), f"{fmt_ms(min(ts))}-{fmt_ms(max(ts))}", str(len(ts)),
-                     fmt_ratio(med / base), fmt_ratio(med / fl) if fl else ""])
+    for c in contenders:
+        base = {"case": case.label, "family": case.family, "op": c.op, "contender": c.name, "backend": c.backend,
+                "shape": case.shape, "dtype": case.dtype, "k": c.k}
+        ms = [t * 1e3 for t in times[c.key]]
+        rows.append({**base, "metric": "time", "unit": "ms", **summary(ms), "samples": [round(t, 6) for t in ms],
+                     **({"elements": c.elements} if c.elements else {}), **info})
+        if device.type == "cuda" and case.family.startswith("token_stats"):
+            rows.append({**base, "metric": "peak_memory", "unit": "MiB", **summary([peak_memory_mib(c.fn, device)]),
+                         **info})
     return rows
-
-
-def md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return out
-
-
-def cleanup() -> None:
-    gc.collect()
-
-
-def ours_backends(device: torch.device) -> List[str]:
-    """Every available backend that supports `device` (ours); the first is what backend='auto' picks."""
-    names = []
-    probe = torch.zeros(1, 2)
-    for name in ak.available_backends():
-        try:
-            ak.token_stats(probe.to(device), torch.zeros(1, dtype=torch.long, device=device), backend=name)
-        except ValueError:
-            continue
-        names.append(name)
-    return names
-
-
-# ----------------------------------------------------------------------------------------------------------
-# a / b: token_stats
-# ----------------------------------------------------------------------------------------------------------
-
-
-def bench_token_stats_fwd(sz: Sizes, backends: List[str], dtype_name: str, k: int, use_compile: bool):
-    """-> (table rows, compile-time rows)"""
-    dtype = DTYPES[dtype_name]
-    x, tok = make_logits(sz.n, sz.v, dtype)
-    label = f"fwd {dtype_name} [{sz.n}, {sz.v}] topk={k}"
-    ref = eager_token_stats(x, tok, k)
-    contenders: List[Tuple[str, Callable, int]] = []
-    compile_times: List[List[str]] = []
-    reps = sz.topk_repeats if k else sz.repeats
-    for b in backends:
-        check_token_stats(ours_token_stats(x, tok, k, backend=b), ref, x, k, f"{label} ours[{b}]")
-        contenders.append((f"ours[{b}]", lambda b=b: ours_token_stats(x, tok, k, backend=b), reps))
-    contenders.append(("eager", lambda: eager_token_stats(x, tok, k), reps))
-    if use_compile:
-        torch._dynamo.reset()
-        comp = compile_fn(eager_token_stats)
-        t0 = time.perf_counter()
-        out = comp(x, tok, k)
-        compile_times.append([label, f"{time.perf_counter() - t0:.1f}"])
-        check_token_stats(out, ref, x, k, f"{label} compiled")
-        contenders.append(("compiled", lambda: comp(x, tok, k), reps))
-    contenders.append(("read x.sum()", lambda: read_floor(x), reps))
-    del ref
-    times = measure(contenders, warmup=1)
-    rows = ratio_rows(label, times, f"ours[{backends[0]}]", "read x.sum()")
-    cleanup()
-    return rows, compile_times
-
-
-def bench_token_stats_bwd(sz: Sizes, backends: List[str], dtype_name: str, use_compile: bool):
-    """-> (table rows, compile-time rows)"""
-    dtype = DTYPES[dtype_name]
-    x0, tok = make_logits(sz.n, sz.v, dtype)
-    x = x0.clone().requires_grad_(True)
-    del x0
-    label = f"fwd+bwd {dtype_name} [{sz.n}, {sz.v}] topk=0"
-    ref_grad = fwd_bwd(eager_token_stats, x, tok)
-    x.grad = None
-    contenders: List[Tuple[str, Callable, int]] = []
-    compile_times: List[List[str]] = []
-    for b in backends:
-        stats = lambda lg, tk, k, b=b: ours_token_stats(lg, tk, k, backend=b)  # noqa: E731
-        check_grad(fwd_bwd(stats, x, tok), ref_grad, f"{label} ours[{b}]")
-        contenders.append((f"ours[{b}]", lambda stats=stats: fwd_bwd(stats, x, tok), sz.repeats))
-    contenders.append(("eager+autograd", lambda: fwd_bwd(eager_token_stats, x, tok), sz.repeats))
-    if use_compile:
-        torch._dynamo.reset()
-        comp = compile_fn(eager_token_stats)
-        t0 = time.perf_counter()
-        g = fwd_bwd(comp, x, tok)
-        compile_times.append([label, f"{time.perf_counter() - t0:.1f}"])
-        check_grad(g, ref_grad, f"{label} compiled")
-        contenders.append(("compiled", lambda: fwd_bwd(comp, x, tok), sz.repeats))
-    contenders.append(("read+write x.sum()+x.clone()", lambda: read_write_floor(x), sz.repeats))
-    del ref_grad
-    x.grad = None
-    times = measure(contenders, warmup=1)
-    rows = ratio_rows(label, times, f"ours[{backends[0]}]", "read+write x.sum()+x.clone()")
-    cleanup()
-    return rows, compile_times
-
-
-# ----------------------------------------------------------------------------------------------------------
-# c: future_values vs the authors' dense approach
-# ----------------------------------------------------------------------------------------------------------
-
-
-def bench_future_values(sz: Sizes, backends: List[str], T: int) -> List[List[str]]:
-    d = make_seq_batch(sz.fv_b, T)
-    label = f"future_values B={sz.fv_b} T={T}"
-    omega_ref, gain_ref = dense_future_values(d["logp"], d["logp_old"], d["mask"], SEQ_GAMMA)
-    reps = sz.repeats
-    dense_reps = sz.dense_big_repeats if T == max(sz.fv_ts) else reps
-    contenders: List[Tuple[str, Callable, int]] = []
-    for b in backends:
-        check_future_values(ours_future_values(d, b), omega_ref, gain_ref, f"{label} ours[{b}]")
-        contenders.append((f"ours[{b}]", lambda b=b: ours_future_values(d, b), reps))
-    contenders.append(("dense U@r (authors)",
-                       lambda: dense_future_values(d["logp"], d["logp_old"], d["mask"], SEQ_GAMMA), dense_reps))
-    times = measure(contenders, warmup=1)
-    rows = ratio_rows(label, times, f"ours[{backends[0]}]", None)
-    cleanup()
-    return rows, []
-
-
-# ----------------------------------------------------------------------------------------------------------
-# d: the other sequence ops, ours (plus the dense O(T^2) baseline for future_values); each checked once against
-#    an eager reference first
-# ----------------------------------------------------------------------------------------------------------
-
-
-def seq_op_cases(sz: Sizes, backends: List[str]) -> List[Tuple[str, Callable[[], tuple]]]:
-    """Build the batch, check every op once against its eager reference, and return (label, run) cases."""
-    B, T = sz.seq_b, sz.seq_t
-    d = make_seq_batch(B, T)
-    tree = make_tree(B, T, d["lengths"])
-    ntok = B * T
-
-    def case(op: str, fns: Dict[str, Callable]) -> Tuple[str, Callable[[], tuple]]:
-        label = f"{op} B={B} T={T}"
-
-        def run():
-            times = measure([(name, fn, sz.repeats) for name, fn in fns.items()], warmup=1)
-            rows = []
-            for name, ts in times.items():
-                med = median(ts)
-                rows.append([label, name, fmt_ms(med), f"{fmt_ms(min(ts))}-{fmt_ms(max(ts))}", str(len(ts)),
-                             f"{med / ntok * 1e9:.2f}"])
-            cleanup()
-            return rows, []
-        return label, run
-
-    cases = []
-    omega_ref, gain_ref = dense_future_values(d["logp"], d["logp_old"], d["mask"], SEQ_GAMMA)
-    for b in backends:
-        check_future_values(ours_future_values(d, b), omega_ref, gain_ref, f"future_values ours[{b}]")
-    fv = {f"ours[{b}]": (lambda b=b: ours_future_values(d, b)) for b in backends}
-    fv["dense U@r (authors)"] = lambda: dense_future_values(d["logp"], d["logp_old"], d["mask"], SEQ_GAMMA)
-    cases.append(case("future_values", fv))
-
-    score_ref, cand_ref, _ = eager_score_tokens(d["entropy"], d["logp"], d["logp_old"], d["mask"], d["eligible"],
-                                                SEQ_GAMMA)
-    for b in backends:
-        check_scores(ours_score_tokens(d, b), score_ref, cand_ref, f"score_tokens ours[{b}]")
-    cases.append(case("score_tokens", {f"ours[{b}]": (lambda b=b: ours_score_tokens(d, b)) for b in backends}))
-
-    adv_ref, lm_ref, ahat_ref = eager_procedure_advantages(tree["rewards"], tree["group_ids"], tree["parent"],
-                                                           tree["split"], d["mask"], tree["branch_score"])
-    for b in backends:
-        check_procedure(ours_procedure_advantages(d, tree, b), adv_ref, lm_ref, ahat_ref,
-                        f"procedure_advantages ours[{b}]")
-    cases.append(case("procedure_advantages", {f"ours[{b}]": (lambda b=b: ours_procedure_advantages(d, tree, b))
-                                               for b in backends}))
-
-    w_ref, a_ref = eager_future_kl_weights(d["logp"], d["logp_old"], d["advantages"], d["mask"])
-    for b in backends:
-        check_future_kl(ours_future_kl_weights(d, b), w_ref, a_ref, f"future_kl_weights ours[{b}]")
-    cases.append(case("future_kl_weights", {f"ours[{b}]": (lambda b=b: ours_future_kl_weights(d, b))
-                                            for b in backends}))
-
-    leaf = d["logp"].clone().requires_grad_(True)
-    check_policy_loss(ours_policy_loss_fwd_bwd(d, leaf), eager_policy_loss_fwd_bwd(d, leaf), "policy_loss ours")
-    # policy_loss has no backend argument: it is elementwise torch plus one reduction.
-    cases.append(case("policy_loss fwd+bwd", {"ours": lambda: ours_policy_loss_fwd_bwd(d, leaf)}))
-    return cases
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke check that runs in < 1 minute")
-    ap.add_argument("--out", default=None, help="also write the markdown report to this file")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where to measure (default: cuda when present, else cpu)")
+    ap.add_argument("--suite", choices=("cpu", "gpu"), default=None,
+                    help="which cases (default: gpu on cuda, cpu on cpu; --suite gpu --device cpu --quick checks "
+                         "the GPU suite's code on a CPU)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and 3 repeats: a smoke check in seconds")
+    ap.add_argument("--data", default=None,
+                    help="the JSON-lines file to write (default: bench/results/SUITE.jsonl; quick: "
+                         "bench/results/quick-SUITE.jsonl, not committed)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                    help="before each case, wait up to SECONDS for other processes to leave the CPUs idle")
+                    help="total time to spend waiting for other processes to leave the CPUs idle: up to all of it "
+                         "before the first case, up to 30 s of what is left before each later one")
     ap.add_argument("--retries", type=int, default=0, metavar="N",
                     help="re-run a case up to N more times while other processes used > 0.25 cores during it; "
-                         "the attempt with the least other load is reported")
+                         "the attempt with the least other load is kept")
+    ap.add_argument("-k", dest="only", default="", help="run only the cases whose label contains this")
     args = ap.parse_args(argv)
 
+    device = torch.device(args.device)
+    suite = args.suite or ("gpu" if device.type == "cuda" else "cpu")
+    cfg = make_config(suite, device, args.quick, not args.no_compile)
+    if cfg.compile:   # dynamo keys its cache on the code object: one recompile per dtype / top-k / grad mode
+        for attr in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, attr):
+                setattr(torch._dynamo.config, attr, 64)
+    data = args.data or os.path.join(RESULTS, f"{'quick-' if args.quick else ''}{suite}.jsonl")
+
     t_start = time.perf_counter()
-    alloc_line = prime_allocator()
-    load_start = load_average()
-    sz = Sizes(args.quick)
-    device = torch.device("cpu")
-    backends = ours_backends(device)
-    use_compile = not args.no_compile
-    compile_times: List[List[str]] = []
-
-    fwd_cases = [(dn, k) for dn in DTYPES for k in (0, 5)]
-    n_cases = len(fwd_cases) + len(DTYPES) + len(sz.fv_ts) + 5
-    prog = Progress(n_cases, args.wait_idle)
-
-    def run(label, fn):
-        rows, extra = prog.run_case(label, fn, retries=args.retries)
-        compile_times.extend(extra)
-        return rows
-
-    fwd_rows: List[List[str]] = []
-    for dn, k in fwd_cases:
-        fwd_rows += run(f"token_stats fwd {dn} topk={k}",
-                        lambda dn=dn, k=k: bench_token_stats_fwd(sz, backends, dn, k, use_compile))
-    bwd_rows: List[List[str]] = []
-    for dn in DTYPES:
-        bwd_rows += run(f"token_stats fwd+bwd {dn}", lambda dn=dn: bench_token_stats_bwd(sz, backends, dn, use_compile))
-    fv_rows: List[List[str]] = []
-    for T in sz.fv_ts:
-        fv_rows += run(f"future_values T={T}", lambda T=T: bench_future_values(sz, backends, T))
-    seq_rows: List[List[str]] = []
-    for label, fn in seq_op_cases(sz, backends):
-        seq_rows += run(label, fn)
+    if device.type == "cpu":
+        prime_allocator()
+    run_info = {"suite": suite, "mode": "quick" if args.quick else "full",
+                "command": "python bench/run.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)),
+                **machine(device), "load_avg_start": load_average()}
+    todo = [c for c in cases(cfg) if args.only in c.label]
+    prog = Progress(len(todo), args.wait_idle)
+    rows: List[Dict[str, object]] = []
+    for case in todo:
+        contenders, times, info = prog.run_case(case, device, cfg.warmup, cfg.repeats, args.retries)
+        rows += case_rows(case, contenders, times, info, device)
+        del contenders, times   # the case's inputs go with them (reference counting; no cycles hold them)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     prog.close()
-    total = time.perf_counter() - t_start
-
-    head = ["case", "contender", "median ms", "min-max ms", "reps", "time / ours", "time / read"]
-    lines = [f"# appo_kernels micro-benchmarks ({'quick' if args.quick else 'full'} sizes)", ""]
-    lines += header_lines([f"- command: `python {' '.join(['bench/run.py', *(argv or sys.argv[1:])])}`",
-                           f"- total wall time of the run: {total:.0f} s",
-                           f"- load average (1/5/15 min) at start: {load_start}; at end: {load_average()}",
-                           alloc_line])
-    if prog.max_load > 0.25:
-        lines += ["", f"**Warning: other processes used up to {prog.max_load:.2f} CPU cores during a case (see the "
-                  "last table); torch's multi-threaded ops slow down badly when a core is taken, so those cases' "
-                  "timings are unreliable. Rerun on an idle machine (or with --wait-idle / --retries).**"]
-    lines += ["", "Medians of interleaved repeats in one process; `time / ours` > 1 means ours is faster "
-              f"(ours = `ours[{backends[0]}]`, what backend='auto' picks here); `time / read` is the multiple of "
-              "the plain read (or read + write) of the same logits.", ""]
-    lines += [f"## a. token_stats forward, logits [{sz.n}, {sz.v}], temperature 1", ""]
-    lines += md_table(head, fwd_rows)
-    lines += ["", "## b. token_stats forward + backward (grad of logp.sum() + entropy.sum()), topk=0", "",
-              "Floor: `x.sum()` (the forward's read) + `x.clone()` (the backward's read of x and write of a "
-              "same-size gradient).", ""]
-    lines += md_table(head[:-1] + ["time / read+write"], bwd_rows)
-    if compile_times:
-        lines += ["", "torch.compile: compile + first call, seconds (not in the timings above; depends on the "
-                  "local inductor cache):", ""]
-        lines += md_table(["case", "compile s"], compile_times)
-    lines += ["", f"## c. future_values (method §2 Omega), B={sz.fv_b}, gamma={SEQ_GAMMA}, ours vs the authors' "
-              "dense O(T^2) approach", "",
-              "dense: U[t, k] = gamma^(k-t) (upper-triangular [T, T], built inside the timed call, once per call), "
-              "then per rollout F = U @ (mask * (logp - logp_old)), exp of clipped F, clip. Both checked allclose "
-              "(omega and gain) before timing.", ""]
-    lines += md_table(head[:-1], [r[:-1] for r in fv_rows])
-    lines += ["", f"## d. other sequence ops, B={sz.seq_b}, T={sz.seq_t} ({sz.seq_b * sz.seq_t} tokens), "
-              "ours (and the dense baseline for future_values)",
-              "", "Each op is checked once against an independent eager reference (dense U / per-rollout loops) "
-              "before timing. procedure_advantages: groups of 8 rollouts (4 initial, 4 branches), "
-              "branch_strength_scaling and train_branches on. policy_loss: token-mean, k3 KL to logp_ref, "
-              "forward + backward w.r.t. logp.", ""]
-    lines += md_table(["case", "contender", "median ms", "min-max ms", "reps", "ns / token"], seq_rows)
-    lines += ["", "## Machine load per case", "",
-              "CPU used by other processes while the case ran (average busy cores, from /proc/stat minus this "
-              "process); near 0 means the case ran on an otherwise idle machine. With --retries, a case that saw more "
-              "than 0.25 cores is run again and the attempt with the least other load is the one reported.", ""]
-    lines += md_table(["case", "wall s", "other processes, cores", "waited for idle s", "reported"], prog.loads)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"written to {args.out}", file=sys.stderr)
+    run_info.update(load_avg_end=load_average(), run_wall_s=round(time.perf_counter() - t_start, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(data)), exist_ok=True)
+    with open(data, "w") as f:
+        for row in rows:
+            f.write(json.dumps({**run_info, **row}) + "\n")
+    print(f"{len(rows)} rows written to {data} in {run_info['run_wall_s']:.0f} s; "
+          f"render with: python bench/render.py", file=sys.stderr)
     return 0
 
 

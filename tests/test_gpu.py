@@ -1,7 +1,9 @@
 """The compiled GPU kernels (native CUDA and Triton) against the torch reference, on a GPU (skipped without one).
 
 Run on a GPU machine after building the CUDA module (`APPO_KERNELS_BUILD_CUDA=1 pip install -e .`), e.g. by
-`bash bench/gpu_check.sh`. Sizes include a real vocabulary; the torch backend runs on the same GPU.
+`bash bench/gpu_check.sh`. Sizes include a real vocabulary; the torch backend runs on the same GPU. These are
+correctness tests only: the timings, bandwidth and peak memory at real sizes are the benchmark harness's
+(`python bench/run.py --device cuda`, run by the same script).
 """
 import pytest
 import torch

@@ -1,4 +1,5 @@
 """The project's promises outside the ops: the README's commands, CI and the demo."""
+import importlib.util
 import re
 import subprocess
 import sys
@@ -42,12 +43,46 @@ def test_demo_runs_and_prints_branch_points():
     assert "candidates" in out.stdout
 
 
-def test_gpu_bench_script_runs_on_cpu():
-    # bench/gpu_bench.py only gets a GPU a few minutes at a time: keep it runnable (small sizes, on CPU).
-    out = subprocess.run([sys.executable, "bench/gpu_bench.py", "--device", "cpu", "--small", "--no-compile",
-                          "--reps", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "ours[torch]" in out.stdout and "future_values" in out.stdout
+def _bench(name):
+    """bench/NAME.py as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_reports_and_readme_tables_are_rendered_from_the_committed_data():
+    # nobody copies numbers by hand: bench/results/*.md and the README's bench blocks are what
+    # `python bench/render.py` makes of bench/results/*.jsonl
+    for path, text in _bench("render").render_all().items():
+        assert path.read_text() == text, f"{path.relative_to(ROOT)} differs from the data: run python bench/render.py"
+
+
+ROW_KEYS = {"case", "family", "op", "contender", "backend", "shape", "dtype", "k", "metric", "unit", "median", "q1",
+            "q3", "min", "max", "n_repeats", "date", "device", "device_name", "torch", "triton", "git_commit",
+            "load_avg_start", "load_avg_end", "other_load_cores", "command"}
+
+
+def test_benchmark_harness_quick_mode_writes_data_the_renderer_reads(tmp_path):
+    # the harness itself (CPU suite, and the GPU suite's code on the CPU) at tiny sizes, then the renderer
+    run, render = _bench("run"), _bench("render")
+    for suite in ("cpu", "gpu"):
+        assert run.main(["--quick", "--no-compile", "--suite", suite, "--device", "cpu",
+                         "--data", str(tmp_path / f"{suite}.jsonl")]) == 0
+        rows = render.load(tmp_path / f"{suite}.jsonl")
+        families = {r["family"] for r in rows}
+        assert {"token_stats_fwd", "token_stats_fwd_bwd", "future_values", "seq_ops"} <= families, families
+        for r in rows:
+            assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+            assert r["min"] <= r["q1"] <= r["median"] <= r["q3"] <= r["max"] and r["min"] > 0, r
+            assert len(r["samples"]) == r["n_repeats"] >= 2, r
+    (tmp_path / "README.md").write_text((ROOT / "README.md").read_text())
+    out = render.render_all(tmp_path, tmp_path / "README.md")
+    cpu, gpu, readme = out[tmp_path / "cpu.md"], out[tmp_path / "gpu.md"], out[tmp_path / "README.md"]
+    assert "| [64, 512] | bf16 |" in cpu and "forward / exp bound" in cpu and "dense / ours" in cpu
+    assert "time / one read (copy / 2)" in gpu and "branching_score ours[native]" in gpu
+    assert "measured" in readme.split("<!-- bench:gpu begin")[1]
 
 
 def test_every_package_is_installed():

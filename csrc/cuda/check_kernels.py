@@ -9,10 +9,11 @@ Two targets, same cases:
 
   GPU (the real kernels; see csrc/cuda/README):
       nvcc -O3 -std=c++17 -arch=sm_90 -Xcompiler -fPIC -shared csrc/cuda/*.cu -o /tmp/libappo_cuda.so
-      python3 csrc/cuda/check_kernels.py --lib /tmp/libappo_cuda.so [--large] [--bench]
+      python3 csrc/cuda/check_kernels.py --lib /tmp/libappo_cuda.so [--large]
 
 --large adds real-size cases (logits [16384, 151936] bf16 and small-n split-path rows), a CUDA-graph capture
-and the long single-segment scan; --bench times every kernel with CUDA events against the bandwidth floor.
+and the long single-segment scan. Timings are the benchmark harness's (bench/run.py --device cuda, run by
+bench/gpu_check.sh), through the public ops.
 Needs torch (CPU torch for the emulator, CUDA torch for --lib). Exit status 1 on any mismatch.
 """
 from __future__ import annotations
@@ -373,65 +374,12 @@ def run_graph_capture():
     return ok
 
 
-# ------------------------------------------------------------------------------------------------ bench
-def bench(fn, iters=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
-def run_bench():
-    print("\nbench (median of 20, CUDA events; floor = bytes / 4.3 TB/s)")
-    gen = torch.Generator().manual_seed(0)
-    for n, v in ((16384, 151936), (64, 151936)):
-        logits = make_logits(n, v, torch.bfloat16, "randn", gen)
-        tokens = torch.randint(0, v, (n,), generator=gen).to(DEV)
-        floor = n * v * 2 / 4.3e12 * 1e3
-        for k, et in ((0, False), (10, False), (10, True), (64, True)):
-            out = fwd_buffers(n, k, et)
-            ms = bench(lambda: cuda_fwd_into(out, logits, tokens, 1.0, k, -100, et))
-            print(f"  fwd bf16 [{n}, {v}] topk={k:2d} entropy={'topk ' if et else 'exact'}: {ms:8.3f} ms "
-                  f"({floor / ms:5.1%} of read floor {floor:.3f} ms)")
-        st = cuda_fwd(logits, tokens, 1.0, 10, -100, True)
-        grad = torch.empty_like(logits)
-        g1 = torch.randn(n, device=DEV)
-        for et in (False, True):
-            ms = bench(lambda: cuda_bwd_into(grad, logits, tokens, 1.0, 10, -100, et, st, g1, g1))
-            print(f"  bwd bf16 [{n}, {v}] entropy={'topk ' if et else 'exact'}:          {ms:8.3f} ms "
-                  f"({2 * floor / ms:5.1%} of read+write floor {2 * floor:.3f} ms)")
-        logits = grad = None  # free before the next size
-        torch.cuda.empty_cache()
-    for lens in ([8192] * 512, [1 << 22]):
-        n = sum(lens)
-        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int64, device=DEV)
-        x = torch.randn(n, device=DEV)
-        out = torch.empty_like(x)
-        ms = bench(lambda: LIB.appo_reverse_scan_cuda(ptr(x), ptr(cu), len(lens), n, 0.99, ptr(out), stream()))
-        print(f"  reverse_scan {len(lens)} x {lens[0]}: {ms:.3f} ms")
-        elig = torch.rand(n, device=DEV) < 0.8
-        score = torch.empty_like(x)
-        cand = torch.empty(n, dtype=torch.bool, device=DEV)
-        ms = bench(lambda: LIB.appo_branching_score_cuda(ptr(x), ptr(x), ptr(elig), ptr(cu), len(lens), n, ptr(score),
-                                                         ptr(cand), stream()))
-        print(f"  branching_score {len(lens)} x {lens[0]}: {ms:.3f} ms")
-
-
 # ------------------------------------------------------------------------------------------------ main
 def main() -> int:
     global DEV, GPU
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lib", help="a CUDA build of csrc/cuda/*.cu (shared library); default: the CPU emulator")
     ap.add_argument("--large", action="store_true", help="real-size cases (GPU)")
-    ap.add_argument("--bench", action="store_true", help="time the kernels (GPU)")
     ap.add_argument("--asan", action="store_true",
                     help="emulator built with AddressSanitizer: out-of-bounds accesses of the kernels abort")
     ap.add_argument("-k", default="", help="run only cases whose name contains this")
@@ -444,8 +392,8 @@ def main() -> int:
         DEV, GPU = torch.device("cuda"), True
         load(args.lib)
     else:
-        if args.large or args.bench:
-            print("check_kernels: --large / --bench need --lib (a GPU)", file=sys.stderr)
+        if args.large:
+            print("check_kernels: --large needs --lib (a GPU)", file=sys.stderr)
             return 2
         os.environ.setdefault("EMU_SMS", "8")  # few SMs: small n takes the split path at emulator sizes
         build = [sys.executable, str(HERE / "emu" / "build.py"), "--if-stale"] + (["--asan"] if args.asan else [])
@@ -488,8 +436,6 @@ def main() -> int:
     print(f"check_kernels ({target}): {count} cases, {len(FAILS)} failures, {time.time() - t0:.0f} s")
     for f in FAILS:
         print("  " + f)
-    if args.bench and not FAILS:
-        run_bench()
     return 1 if FAILS else 0
 
 
