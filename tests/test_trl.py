@@ -365,8 +365,6 @@ def test_trainer_errors(model_dir, tmp_path):
 
     with pytest.raises(NotImplementedError, match="tools: lookup is async"):      # tools passed positionally
         APPOTrainer(model_dir, a_fraction, None, ds, None, None, None, None, (None, None), None, None, [lookup])
-    with pytest.raises(NotImplementedError, match="environment_factory: APPOTrainer runs the tool loop"):
-        APPOTrainer(model=model_dir, reward_funcs=a_fraction, train_dataset=ds, environment_factory=object)
     with pytest.raises(TypeError, match="args: expected an APPOConfig, got GRPOConfig"):
         APPOTrainer(model=model_dir, reward_funcs=a_fraction, train_dataset=ds,
                     args=GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8,

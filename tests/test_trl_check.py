@@ -102,6 +102,12 @@ def test_trainer_attributes_are_checked_on_construction():
         _check_attributes(types.SimpleNamespace(**missing))
     with pytest.raises(RuntimeError, match=r"_logs no 'advantages'"):
         _check_attributes(types.SimpleNamespace(**(complete | {"_logs": {"prompt": []}})))
+    # with environment_factory, also the environments and their tools
+    with pytest.raises(RuntimeError, match=r"sets no `_env_tools` with environment_factory"):
+        _check_attributes(types.SimpleNamespace(**(complete | {"environment_factories": {None: object},
+                                                               "environments": None})))
+    _check_attributes(types.SimpleNamespace(**(complete | {"environment_factories": {None: object},
+                                                           "environments": None, "_env_tools": {}})))
 
 
 def _import_adapter(setup: str) -> subprocess.CompletedProcess:

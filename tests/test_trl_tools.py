@@ -121,15 +121,17 @@ class ToolRecorder(Recorder):
 PROMPTS = [[{"role": "user", "content": f"{a}+{b}+{c}="}] for a, b, c in ((3, 4, 5), (1, 2, 6))]
 
 
-def train_tools(tool_model, tmp_path, budget, steps, **config):
+def train_tools(tool_model, tmp_path, budget, steps, trainer_cls=ToolRecorder, reward_funcs=answer_and_rounds,
+                setup=None, **config):
+    """Train on PROMPTS with `setup` (the trainer's tool arguments; default `tools=[add]`)."""
     path, tok = tool_model
     settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
                     max_completion_length=64, max_steps=steps, logging_steps=1, report_to="none", use_cpu=True,
                     seed=0, save_strategy="no", learning_rate=1e-3, disable_tqdm=True,
                     max_tool_calling_iterations=budget)
-    trainer = ToolRecorder(model=path, reward_funcs=answer_and_rounds, args=APPOConfig(**(settings | config)),
-                           tools=[add], processing_class=tok,
-                           train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}))
+    trainer = trainer_cls(model=path, reward_funcs=reward_funcs, args=APPOConfig(**(settings | config)),
+                          processing_class=tok, train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                          **(setup or {"tools": [add]}))
     trainer.train()
     return trainer
 
@@ -153,20 +155,19 @@ def _check_tool_results(messages, model_row, budget):
     assert _tool_spans(model_row) == _tool_rounds(messages) <= budget
 
 
-@pytest.mark.parametrize("mode", ["resample", "topk"])
-def test_tool_rollouts_fork_in_later_turns_and_train_on_the_oracle(tool_model, tmp_path, mode):
-    trainer = train_tools(tool_model, tmp_path, budget=2, steps=6, num_iterations=2, beta=0.05,
-                          appo_branch_mode=mode)
-    if mode == "topk":
-        check_topk_forks(trainer, "best")
-    tok = tool_model[1]
+def check_tool_batches(trainer, tok, mode, check_row, rewards) -> int:
+    """Each generation batch of a tool run: `check_row(k, r, messages, model_row)` for each row r of batch k; a
+    branch's prefix (tool results included) token-identical to its parent's and its tool messages the parent's;
+    forks on policy tokens; tool tokens (and a topk substitute) without loss; the advantages the float64 oracle's
+    on `rewards(k, messages)`, the rewards the reward functions gave. Returns the branches forked inside a later
+    turn; asserts that some were and that some advantage varied along a rollout."""
     later = varied = 0
-    for (tree, out), result in zip(trainer.batches, trainer.tool_results):
+    for k, ((tree, out), result) in enumerate(zip(trainer.batches, trainer.tool_results)):
         model_rows, messages = result[0], result[1]
         parent, split = tree["appo_parent"], tree["appo_split"]
         ids, cmask = out["completion_ids"], out["completion_mask"].bool()
         for r, p in enumerate(parent):
-            _check_tool_results(messages[r], model_rows[r], budget=2)
+            check_row(k, r, messages[r], model_rows[r])
             if p < 0:
                 continue
             s = split[r]
@@ -184,7 +185,7 @@ def test_tool_rollouts_fork_in_later_turns_and_train_on_the_oracle(tool_model, t
         # tool tokens (and a topk branch's substituted token) carry no loss, and the advantages are the float64
         # oracle's on what the rewards saw
         policy = torch.tensor([row + [1] * (ids.shape[1] - len(row)) for row in model_rows]).bool() & cmask
-        expected = oracle.procedure_advantages(answer_and_rounds(messages), [r // 4 for r in range(8)], parent,
+        expected = oracle.procedure_advantages(rewards(k, messages), [r // 4 for r in range(8)], parent,
                                                split, without_substituted(tree, policy.tolist()) if mode == "topk"
                                                else [_rows(m) for m in policy],
                                                branch_score=tree["appo_branch_score"], branch_strength_scaling=True)
@@ -195,6 +196,18 @@ def test_tool_rollouts_fork_in_later_turns_and_train_on_the_oracle(tool_model, t
         varied += sum(len(set(a for a, m in zip(row, lm) if m)) > 1
                       for row, lm in zip(expected["advantages"], expected["loss_mask"]))
     assert later and varied, "no fork inside a later turn, or no advantage varied: the test checks nothing"
+    return later
+
+
+@pytest.mark.parametrize("mode", ["resample", "topk"])
+def test_tool_rollouts_fork_in_later_turns_and_train_on_the_oracle(tool_model, tmp_path, mode):
+    trainer = train_tools(tool_model, tmp_path, budget=2, steps=6, num_iterations=2, beta=0.05,
+                          appo_branch_mode=mode)
+    if mode == "topk":
+        check_topk_forks(trainer, "best")
+    check_tool_batches(trainer, tool_model[1], mode,
+                       check_row=lambda k, r, messages, model_row: _check_tool_results(messages, model_row, 2),
+                       rewards=lambda k, messages: answer_and_rounds(messages))
     check_losses(trainer)
     calls = [h["tools/call_frequency"] for h in trainer.state.log_history if "tools/call_frequency" in h]
     assert len(calls) == 3 and min(calls) > 0                  # TRL's tool metrics, from the hook's counts
@@ -242,7 +255,7 @@ def test_a_substitute_that_ends_a_turn_runs_its_tool_calls_and_goes_on(tool_mode
     first_turn = full[len(prompt):full.index(tok.eos_token_id, len(prompt)) + 1]
     head = _Rollout()
     head.extend(first_turn, 1, None)
-    done, = trainer._roll([prompt], [head], 1)
+    done, = trainer._roll([prompt], [head], 1, [trainer._row_tools(0)])
     assert done.ids[:len(first_turn)] == first_turn and done.messages[1] == {"role": "tool", "name": "add",
                                                                             "content": "7"}
     assert done.model[len(first_turn)] == 0 and done.model[-1] == 1    # the result, then the policy's next turn

@@ -30,7 +30,13 @@ run them, append the results, continue) for initial rollouts and branches, so fo
 tool-result tokens are context only (no score, no fork, no loss), a branch reuses its prefix's tool results, and
 TRL's own tool pass is replaced by the hook's results (`_tool_call_loop`).
 
-Not supported (a clear error, not a silent fallback): TRL environments (`environment_factory`), async tools,
+With TRL's `environment_factory=`, TRL creates and resets one environment per row as GRPOTrainer does and the
+same tool loop calls that row's environment methods. A branch's row has its own environment, reset by TRL from
+the same example as its parent's; before the branch continues, the hook replays the prefix's calls to the
+environment's methods on it, in order, and requires each replayed result to equal the recorded one (the
+environment must be deterministic; a difference raises). Rewards receive `environments` as in TRL.
+
+Not supported (a clear error, not a silent fallback): async tools or environment methods,
 multimodal prompts or tool results, a user `rollout_func`, `scale_rewards="batch"`,
 `multi_objective_aggregation="normalize_then_sum"`, a completion for which every reward function returns None
 (None from only some of them adds 0, as in TRL), and, with `appo_loss=True`, the GRPO loss options it does not
@@ -81,6 +87,10 @@ _CONFIG_FIELDS = ("num_generations", "per_device_train_batch_size", "steps_per_g
 # Set by GRPOTrainer.__init__ and read by the adapter: checked when an APPOTrainer is built.
 _ATTRIBUTES = ("_metrics", "_logs", "_tokenizer", "tools", "environment_factories", "eos_token_ids", "ref_model",
                "reward_weights", "num_generations_eval", "max_tool_calling_iterations")
+# With `environment_factory`: set by GRPOTrainer.__init__ (checked on construction) and by
+# GRPOTrainer._generate_and_score_completions before the rollout hook (checked in the hook), per row of the batch.
+_ENVIRONMENT_ATTRIBUTES = ("environments", "_env_tools")
+_BATCH_ATTRIBUTES = ("environments", "_batch_environments", "_sync_tool_dicts")
 INSTALL_HINT = (f"in a clone of the appo_kernels repository, pip install \".[trl]\" (or pip install "
                 f"\"trl{TESTED_TRL}\"); see docs/trl.md")
 
@@ -127,6 +137,9 @@ def check_trl(trl) -> None:
 def _check_attributes(trainer) -> None:
     """The attributes GRPOTrainer.__init__ sets that the adapter reads (only an instance has them)."""
     problems = [f"GRPOTrainer.__init__ sets no `{name}`" for name in _ATTRIBUTES if not hasattr(trainer, name)]
+    if getattr(trainer, "environment_factories", None) is not None:
+        problems += [f"GRPOTrainer.__init__ sets no `{name}` with environment_factory"
+                     for name in _ENVIRONMENT_ATTRIBUTES if not hasattr(trainer, name)]
     if not problems and not ({"train", "eval"} <= trainer._metrics.keys() and "advantages" in trainer._logs):
         problems.append("GRPOTrainer._metrics has no 'train' and 'eval' or _logs no 'advantages'")
     if problems:
@@ -284,10 +297,11 @@ class _Rollout:
 
     def fork(self, request: ForkRequest) -> _Rollout:
         """A branch's start (`fork_requests`): tokens 0..t-1, earlier tool results included (reused, not run
-        again), then the request's token at t, and the turns before the one that holds t (which the branch
-        finishes). The token at t is the parent's own (mode "resample": its sampler log-prob is kept) or a
-        substitute (mode "topk": not sampled, so no sampler log-prob; NaN, which TRL's importance sampling
-        treats as unavailable)."""
+        again; with environments, `APPOTrainer._replay` then brings the branch's environment to their state),
+        then the request's token at t, and the turns before the one that holds t (which the branch finishes).
+        The token at t is the parent's own (mode "resample": its sampler log-prob is kept) or a substitute (mode
+        "topk": not sampled, so no sampler log-prob; NaN, which TRL's importance sampling treats as
+        unavailable)."""
         t = request.position
         turns = [turn for turn in self.turns if turn.start <= t]
         logprobs = None
@@ -306,13 +320,43 @@ class _Scores(NamedTuple):
     topk_logp: Tensor
 
 
-def _num_groups(prompts: list, group_size: int) -> int:
+class _Tools(NamedTuple):
+    """A row's tools: the schema its prompt was rendered with (and its turns are parsed with), the functions its
+    calls run by name, and its environment (None without `environment_factory`)."""
+    schema: list
+    functions: dict
+    environment: object
+
+
+def _run_call(call: dict, functions: dict) -> tuple[dict, bool]:
+    """Run one parsed tool call as TRL's `_tool_call_loop` does: the tool message the model reads (a failing
+    call's is `{"error": ...}`) and whether it failed."""
+    if call["type"] != "function":
+        return {"role": "tool", "name": call.get("name", "unknown"),
+                "content": str({"error": f"Unsupported tool call type: {call['type']}"})}, True
+    name = call["function"]["name"]
+    try:
+        if name not in functions:
+            raise ValueError(f"Tool {name} not found.")
+        result, failed = functions[name](**call["function"]["arguments"]), False
+    except Exception as err:                        # the model's call failed: the model reads the error
+        result, failed = {"error": str(err)}, True
+    if isinstance(result, list):
+        raise NotImplementedError(f"tools: {name} returned a list of content blocks (a multimodal tool result), "
+                                  f"which APPOTrainer does not support; return a string")
+    return {"role": "tool", "name": name, "content": str(result)}, failed
+
+
+def _num_groups(prompts: list, group_size: int, environments: bool = False) -> int:
     """Rows come as blocks of `group_size` copies of one prompt (TRL's RepeatSampler); APPO forks within a
     block, so each block must be whole on this process."""
     if len(prompts) % group_size or any(prompts[i] != prompts[i - i % group_size] for i in range(len(prompts))):
         raise ValueError(f"prompts: APPO needs each process's generation batch to hold whole groups of "
                          f"num_generations={group_size} copies of a prompt; got {len(prompts)} rows that do not. "
-                         f"Make per_device_train_batch_size * steps_per_generation a multiple of num_generations.")
+                         f"Make per_device_train_batch_size * steps_per_generation a multiple of num_generations." +
+                         (" With environment_factory, a prompt includes its environment's reset() observation, "
+                          "which must be the same for every row of a group (reset() must be deterministic given the "
+                          "example): a branch continues its parent's conversation." if environments else ""))
     return len(prompts) // group_size
 
 
@@ -332,9 +376,6 @@ class APPOTrainer(_trl.GRPOTrainer):
                              "then branches); it cannot take another one")
         given = inspect.signature(_trl.GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *pos, **kwargs)
         # before GRPOTrainer's own checks of the tools (chat template, transformers version)
-        if given.arguments.get("environment_factory") is not None:
-            raise NotImplementedError("environment_factory: APPOTrainer runs the tool loop inside its rollout hook "
-                                      "for plain tools= only; TRL's environments are not supported")
         for tool in given.arguments.get("tools") or []:
             if inspect.iscoroutinefunction(tool):
                 raise NotImplementedError(f"tools: {tool.__name__} is async; APPOTrainer's tool loop runs "
@@ -344,6 +385,11 @@ class APPOTrainer(_trl.GRPOTrainer):
             raise TypeError(f"args: expected an APPOConfig, got {type(args).__name__}")
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
         _check_attributes(self)
+        for tools in (self._env_tools if self.environment_factories is not None else {}).values():
+            for tool in tools:                      # an environment's methods: known once TRL has probed one
+                if inspect.iscoroutinefunction(tool):
+                    raise NotImplementedError(f"environment_factory: {tool.__qualname__} is async; APPOTrainer's "
+                                              f"tool loop runs synchronous tools only")
         sharded = getattr(self, "is_fsdp_enabled", False) or (
             getattr(self, "is_deepspeed_enabled", False)
             and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3)
@@ -355,7 +401,7 @@ class APPOTrainer(_trl.GRPOTrainer):
             raise ValueError("appo_omega_source: 'reference' needs a separate reference model (PEFT adapters "
                              "share weights with the policy); use 'prev_policy'")
         self.rollout_func = self.appo_rollout       # TRL's rollout hook; set here to skip its experimental warning
-        self._appo_tools = {tool.__name__: tool for tool in self.tools}
+        self._appo_tools = {tool.__name__: tool for tool in self.tools}   # without environments: every row's
         self._appo_rollouts = None                  # the hook's rollouts, for `_tool_call_loop`
         self._prev_policy = None
         self._rewards_per_func = None
@@ -367,7 +413,15 @@ class APPOTrainer(_trl.GRPOTrainer):
     def appo_rollout(self, prompts: list, trainer=None) -> dict:
         """TRL's `rollout_func(prompts, trainer)`: one completion per row of `prompts` (blocks of
         `num_generations` copies of a prompt), returned as token-id lists with the APPO tree as extra fields.
-        With `tools`, every rollout runs the whole tool loop here (`_roll`), so forks can fall in any turn."""
+        With `tools`, every rollout runs the whole tool loop here (`_roll`), so forks can fall in any turn; with
+        `environment_factory`, row r's tool calls go to TRL's environment for row r (`_row_tools`), which a branch
+        first brings to its prefix's state (`_replay`)."""
+        if self.environment_factories is not None:
+            missing = [name for name in _BATCH_ATTRIBUTES if not hasattr(self, name)]
+            if missing:
+                raise RuntimeError(_untested(_trl.__version__, [f"GRPOTrainer._generate_and_score_completions sets "
+                                                                f"no `{name}` with environment_factory"
+                                                                for name in missing]))
         prompt_ids, images, multimodal = self._tokenize_prompts(prompts)
         if images is not None or multimodal:
             raise NotImplementedError("prompts: multimodal prompts are not supported by APPOTrainer")
@@ -376,15 +430,17 @@ class APPOTrainer(_trl.GRPOTrainer):
                              "whose chat template renders the tools and parses the tool calls")
         prompt_ids = [list(p) for p in prompt_ids]
         rows = len(prompt_ids)
+        tools = [self._row_tools(r) for r in range(rows)]
         parent, split, strength = [-1] * rows, [0] * rows, [0.0] * rows
         if not self.model.training:                 # evaluation: plain sampling, every rollout initial
-            done = self._roll(prompt_ids, [_Rollout() for _ in range(rows)], self.num_generations_eval)
+            done = self._roll(prompt_ids, [_Rollout() for _ in range(rows)], self.num_generations_eval, tools)
             return self._rollout_output(prompt_ids, done, parent, split, strength)
 
         size, n_init = self.num_generations, self.args.num_initial
-        groups = _num_groups(prompts, size)
+        groups = _num_groups(prompts, size, environments=self.environment_factories is not None)
         initial = [g * size + j for g in range(groups) for j in range(n_init)]
-        init = self._roll([prompt_ids[r] for r in initial], [_Rollout() for _ in initial], 1)
+        init = self._roll([prompt_ids[r] for r in initial], [_Rollout() for _ in initial], 1,
+                          [tools[r] for r in initial])
         tokens = _pad_rows([r.ids for r in init], self._tokenizer.pad_token_id)
         scores = self._score_initial([prompt_ids[r] for r in initial], init, tokens)
         group = torch.arange(len(initial)) // n_init
@@ -402,7 +458,9 @@ class APPOTrainer(_trl.GRPOTrainer):
             r = q.group * size + n_init + q.slot
             parent[r], split[r], strength[r] = initial[q.rollout], q.split, q.score
             heads[r] = init[q.rollout].fork(q)
-        for r, rollout in zip(slots, self._roll([prompt_ids[r] for r in slots], [heads[r] for r in slots], 1)):
+            self._replay(heads[r], tools[r], r, initial[q.rollout])
+        for r, rollout in zip(slots, self._roll([prompt_ids[r] for r in slots], [heads[r] for r in slots], 1,
+                                                [tools[r] for r in slots])):
             done[r] = rollout
         self._log_rollout_metrics(bp)
         return self._rollout_output(prompt_ids, done, parent, split, strength)
@@ -414,17 +472,20 @@ class APPOTrainer(_trl.GRPOTrainer):
                 "logprobs": None if done[0].logprobs is None else [r.logprobs for r in done],
                 "appo_parent": parent, "appo_split": split, "appo_branch_score": strength}
 
-    def _roll(self, prompt_ids: list[list[int]], rollouts: list[_Rollout], num_generations: int) -> list[_Rollout]:
+    def _roll(self, prompt_ids: list[list[int]], rollouts: list[_Rollout], num_generations: int,
+              tools: list[_Tools]) -> list[_Rollout]:
         """Continue each rollout (empty, or a branch's head) to its end with TRL's generation backend: with
         `tools`, turn by turn as TRL's tool loop does (parse the turn with the chat template's response parser,
         run its tool calls, append the results as tool tokens, generate the next turn), within
         `max_tool_calling_iterations` tool rounds counted from the start of the completion, so a branch's prefix
         spends the budget too. `num_generations` is for the first call only (TRL's vLLM server mode groups
         identical prompts); later turns differ per row. A head that ends its turn already (a topk branch whose
-        substituted token is an end-of-turn id) goes on only to run that turn's tool calls."""
+        substituted token is an end-of-turn id) goes on only to run that turn's tool calls. `tools`: each
+        rollout's row's tools (`_row_tools`)."""
         limit = self.max_completion_length
         active = [i for i, r in enumerate(rollouts)
-                  if self._goes_on(prompt_ids[i], r, turn_done=bool(r.ids) and r.ids[-1] in self.eos_token_ids)]
+                  if self._goes_on(prompt_ids[i], r, tools[i],
+                                   turn_done=bool(r.ids) and r.ids[-1] in self.eos_token_ids)]
         while active:
             new_ids, new_logps = self._generate_single_turn([prompt_ids[i] + rollouts[i].ids for i in active],
                                                             None, {}, num_generations)
@@ -432,53 +493,72 @@ class APPOTrainer(_trl.GRPOTrainer):
             for n, i in enumerate(active):
                 keep = limit - len(rollouts[i].ids)   # the first `keep` samples are what max_len would give
                 rollouts[i].extend(list(new_ids[n][:keep]), 1, None if new_logps is None else new_logps[n][:keep])
-            active = [i for i in active if self._goes_on(prompt_ids[i], rollouts[i], turn_done=True)]
+            active = [i for i in active if self._goes_on(prompt_ids[i], rollouts[i], tools[i], turn_done=True)]
         return rollouts
 
-    def _goes_on(self, prompt_ids: list[int], rollout: _Rollout, turn_done: bool) -> bool:
+    def _goes_on(self, prompt_ids: list[int], rollout: _Rollout, tools: _Tools, turn_done: bool) -> bool:
         """Whether `_roll` generates again for a rollout: room left, and its last turn open or (with tools)
         followed by that turn's tool results (`_take_turn`, which also records a done turn's message)."""
-        if turn_done and not (self.tools and self._take_turn(prompt_ids, rollout)):
+        if turn_done and not (self.tools and self._take_turn(prompt_ids, rollout, tools)):
             return False
         return len(rollout.ids) < self.max_completion_length
 
-    def _take_turn(self, prompt_ids: list[int], rollout: _Rollout) -> bool:
+    def _row_tools(self, row: int) -> _Tools:
+        """The tools of a row of the batch, as GRPOTrainer has them: `tools=` for every row or, with
+        `environment_factory`, the row's environment's schema (`_env_tools`), its functions (the standalone tools
+        and the bound methods of TRL's environment instance for that row, `_sync_tool_dicts`) and the instance."""
+        if self.environment_factories is None:
+            return _Tools(self.tools, self._appo_tools, None)
+        return _Tools(self._env_tools[self._batch_environments[row]], self._sync_tool_dicts[row],
+                      self.environments[row])
+
+    def _take_turn(self, prompt_ids: list[int], rollout: _Rollout, tools: _Tools) -> bool:
         """Parse the rollout's last assistant turn; if it calls tools within the budget and the results fit, run
         them and append the results (tool tokens). True when the rollout goes on to another turn."""
         start = rollout.turns[-1].start
         message = _parse_response(self._tokenizer, rollout.ids[start:], prefix=prompt_ids + rollout.ids[:start],
-                                  tools=self.tools)
+                                  tools=tools.schema)
         rollout.messages.append(message)
         calls = message.get("tool_calls")
         if not calls or len(rollout.turns) > self.max_tool_calling_iterations:
             return False
-        results, failures = [], 0
-        for call in calls:                          # as TRL's `_tool_call_loop` runs them
-            if call["type"] == "function":
-                name = call["function"]["name"]
-                try:
-                    if name not in self._appo_tools:
-                        raise ValueError(f"Tool {name} not found.")
-                    result = self._appo_tools[name](**call["function"]["arguments"])
-                except Exception as err:            # the model's call failed: the model reads the error
-                    failures, result = failures + 1, {"error": str(err)}
-            else:
-                name = call.get("name", "unknown")
-                failures, result = failures + 1, {"error": f"Unsupported tool call type: {call['type']}"}
-            if isinstance(result, list):
-                raise NotImplementedError(f"tools: {name} returned a list of content blocks (a multimodal tool "
-                                          f"result), which APPOTrainer does not support; return a string")
-            results.append({"role": "tool", "name": name, "content": str(result)})
-        suffix = list(self._get_tool_suffix_ids(results))
+        results = [_run_call(call, tools.functions) for call in calls]
+        suffix = list(self._get_tool_suffix_ids([result for result, _ in results]))
         total = len(rollout.ids) + len(suffix)
         if total > self.max_completion_length or len(prompt_ids) + total >= self.model.config.max_position_embeddings:
             return False                            # as TRL: results that do not fit end the rollout unrun
         rollout.extend(suffix, 0, [0.0] * len(suffix))
-        rollout.messages += results
+        rollout.messages += [result for result, _ in results]
         previous = rollout.turns[-1]
         rollout.turns.append(_Turn(len(rollout.ids), len(rollout.messages), previous.calls + len(calls),
-                                   previous.failures + failures))
+                                   previous.failures + sum(failed for _, failed in results)))
         return True
+
+    def _replay(self, head: _Rollout, tools: _Tools, row: int, parent: int) -> None:
+        """With `environment_factory`: bring a branch's environment (TRL's instance for its row, reset from the
+        same example as its parent's) to the state its prefix left the parent's in, by calling again, in order,
+        each call of the prefix that went to an environment method. Each replayed result must equal the one the
+        prefix recorded (the model read it; the branch keeps those tokens), else the environment is not
+        deterministic and the branch would continue from a state its prefix does not show: a RuntimeError. Calls to
+        standalone tools (and failed lookups) are not run again; their recorded results are the branch's."""
+        if tools.environment is None:
+            return
+        messages = head.messages
+        for i, message in enumerate(messages):
+            for j, call in enumerate(message.get("tool_calls") or ()):     # its results: messages i + 1 ...
+                function = tools.functions.get(call["function"]["name"]) if call["type"] == "function" else None
+                if getattr(function, "__self__", None) is not tools.environment:
+                    continue
+                recorded = messages[i + 1 + j]
+                replayed, _ = _run_call(call, tools.functions)
+                if replayed != recorded:
+                    raise RuntimeError(
+                        f"environment_factory: a branch (row {row}) replays its prefix's tool calls on its own "
+                        f"environment to reach the state its parent (row {parent}) had at the fork, but "
+                        f"{call['function']['name']}(**{call['function']['arguments']!r}) returned "
+                        f"{replayed['content']!r} where the parent got {recorded['content']!r}. APPOTrainer needs "
+                        f"environments whose reset() and methods are deterministic: the same example and the same "
+                        f"calls in the same order give the same results")
 
     def _tool_call_loop(self, prompts, prompt_ids, completion_ids, completions, logprobs, images, multimodal_fields):
         """TRL's tool loop, which it runs after the rollout hook: the hook already ran every tool call (in every
