@@ -3,7 +3,11 @@ rollout hook's tool loop calls that row's environment, and a branch's environmen
 by replaying the prefix's calls on it. The environment here is stateful and deterministic: a register whose
 `add` returns the running sum of every earlier call, so a branch's later result is right only if its environment
 holds its prefix's calls. The tiny Qwen2 and its fitting are test_trl_tools.py's."""
+import re
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +202,16 @@ def test_environment_errors(tool_model, tmp_path):
                                     use_cpu=True, report_to="none"),
                     train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}))
 
+
+def test_the_docs_tool_and_environment_examples_run():
+    """The environment example continues the tool example (same tokenizer and model): both run in one
+    interpreter, as the page says."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "trl.md").read_text()
+    blocks = [re.search(r"```python\n(.*?)```", text.split(heading)[1], flags=re.DOTALL).group(1)
+              for heading in ("### Multi-turn tools: an example that runs", "### Environments: an example that runs")]
+    run = subprocess.run([sys.executable, "-c", "\n".join(blocks)], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert any("tools/call_frequency" in line and not line.startswith("env") for line in lines)
+    assert any(line.startswith("env") and "rewards/Register/mean" in line for line in lines)

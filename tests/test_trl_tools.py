@@ -2,11 +2,7 @@
 branches, so forks land inside later turns. A tiny Qwen2 with Qwen2.5's chat template (which TRL recognises and
 parses tool calls with) is first fitted to transcripts that call a calculator twice and then answer."""
 import random
-import re
 import string
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -287,11 +283,3 @@ def test_tools_errors(tool_model, tmp_path):
     with pytest.raises(ValueError, match="prompts: with tools, APPOTrainer needs conversational prompts"):
         plain.train()
 
-
-def test_the_docs_tool_example_runs():
-    text = (Path(__file__).resolve().parents[1] / "docs" / "trl.md").read_text()
-    section = text.split("### Multi-turn tools: an example that runs")[1]
-    example = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
-    run = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=600, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "tools/call_frequency" in run.stdout
