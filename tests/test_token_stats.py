@@ -170,6 +170,100 @@ def test_tie_order_hand_built(backend):
     assert res.topk_ids.tolist() == [[1, 2, 4, 3]]
 
 
+# The native CPU kernel's running top-k (csrc/cpu/token_stats.cpp): blocks of 2048 ids, a vector compare of
+# each group of 16 against the k-th kept value, a list that fills first, a tail shorter than a group, and a
+# row split across threads when rows are few (splits of at least 8192 ids). V = 3 * 8192 + 37 is odd, gives
+# three splits of 8205 ids for one row on 2 threads, and leaves a 37-id tail (2 groups + 5) in the last block.
+_SPLIT_V = 3 * 8192 + 37
+_SPAN = (_SPLIT_V + 2) // 3
+
+
+def _native_topk_rows(gen, V):
+    """Rows that stress the running top-k: ascending (every group beats the threshold), descending (none after
+    the list fills), heavy ties, a constant row, tied maxima on block, group and split boundaries, -inf on all
+    but 3 columns (k beyond the finite entries: the list ends in -inf ids, smallest first), finite entries in
+    the tail group only, half -inf, and a plain random row."""
+    f = dict(dtype=torch.float64)
+    rows = [torch.arange(V, **f) * (8.0 / V), -torch.arange(V, **f) * (8.0 / V),
+            torch.randint(0, 3, (V,), generator=gen).double(), torch.zeros(V, **f)]
+    ties = torch.randn(V, generator=gen, **f).clamp(-3, 3)
+    ties[[15, 16, 2047, 2048, _SPAN - 1, _SPAN, 2 * _SPAN - 1, 2 * _SPAN, V - 1]] = 5.0
+    ties[[0, 31, 32, 4095, 4096, _SPAN + 1, 2 * _SPAN + 1, V - 17, V - 16, V - 2]] = 4.0
+    rows.append(ties)
+    sparse = torch.full((V,), float("-inf"), **f)
+    sparse[torch.randperm(V - 20, generator=gen)[:3] + 20] = torch.randn(3, generator=gen, **f)
+    rows.append(sparse)
+    tail = torch.full((V,), float("-inf"), **f)
+    tail[[V - 37, V - 20, V - 1]] = torch.tensor([1.0, 3.0, 2.0], **f)
+    rows.append(tail)
+    half = torch.randn(V, generator=gen, **f) * 3
+    half[torch.rand(V, generator=gen) < 0.5] = float("-inf")
+    rows.append(half)
+    rows.append(torch.randn(V, generator=gen, **f) * 4)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("k,mode", [(1, "exact"), (5, "topk"), (16, "exact"), (17, "topk"), (40, "exact")])
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+def test_native_running_topk_blocks_groups_and_splits(gen, dtype, k, mode):
+    if "native" not in ak.available_backends():
+        pytest.skip("the native extension is not built")
+    V = _SPLIT_V
+    logits = _native_topk_rows(gen, V).to(dtype)
+    n = logits.shape[0]
+    tokens = make_tokens(gen, n, V)                              # targets 0 and V - 1 on rows 0 and 1
+    for r in (5, 6, 7):                                          # a finite target where most of the row is -inf
+        tokens[r] = int(torch.nonzero(torch.isfinite(logits[r].double()))[-1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)                                     # one row alone splits across 2 threads
+    try:
+        whole = ak.token_stats(logits, tokens, topk=k, entropy=mode, backend="native")
+        alone = [ak.token_stats(logits[r:r + 1], tokens[r:r + 1], topk=k, entropy=mode, backend="native")
+                 for r in range(n)]
+    finally:
+        torch.set_num_threads(threads)
+    ref = check_against_oracle(whole, logits, tokens, topk=k, entropy=mode)
+    for r, res in enumerate(alone):
+        assert res.topk_ids[0].tolist() == ref["topk_ids"][r], r
+        for name in ("logp", "entropy", "lse", "topk_logp"):
+            torch.testing.assert_close(getattr(res, name)[0], getattr(whole, name)[r], atol=1e-6, rtol=1e-6)
+    if k >= 5:   # the hand-checkable rows: the tied maxima in id order, the -inf tail of the sparse row
+        assert whole.topk_ids[4].tolist()[:9] == [15, 16, 2047, 2048, _SPAN - 1, _SPAN, 2 * _SPAN - 1,
+                                                  2 * _SPAN, V - 1][:k]
+        finite = sorted(torch.nonzero(torch.isfinite(logits[5].double())).flatten().tolist(),
+                        key=lambda v: -float(logits[5, v]))
+        assert whole.topk_ids[5].tolist() == finite + list(range(k - 3))
+        assert whole.topk_ids[6].tolist() == [V - 20, V - 1, V - 37] + list(range(k - 3))
+
+
+@pytest.mark.parametrize("k", [3, 16])
+def test_native_undefined_rows_in_long_rows(gen, k):
+    """A NaN after the list is full (it never beats the threshold) and an all -inf row still give NaN
+    statistics in that row only, also when the row is split across threads."""
+    if "native" not in ak.available_backends():
+        pytest.skip("the native extension is not built")
+    V = _SPLIT_V
+    logits = make_logits(gen, 4, V, torch.float32)
+    logits[1] = float("-inf")
+    logits[2, 5000] = float("nan")
+    tokens = make_tokens(gen, 4, V)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rows in ([0, 1, 2, 3], [1], [2]):
+            res = ak.token_stats(logits[rows], tokens[rows], topk=k, backend="native")
+            for j, r in enumerate(rows):
+                if r in (1, 2):
+                    assert torch.isnan(res.logp[j]) and torch.isnan(res.entropy[j]), r
+                    assert torch.isnan(res.topk_logp[j]).all(), r
+                    assert ((res.topk_ids[j] >= 0) & (res.topk_ids[j] < V)).all(), r
+        good = [0, 3]
+        check_against_oracle(ak.token_stats(logits[good], tokens[good], topk=k, backend="native"), logits[good],
+                             tokens[good], topk=k)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("ignore_index", [-100, -1])
 @pytest.mark.parametrize("mode,k", [("exact", 0), ("exact", 3), ("topk", 3)])
 @pytest.mark.parametrize("garbage", ["none", "nan", "-inf"])

@@ -1,9 +1,13 @@
 // Token statistics over the vocabulary (method §1) on CPU: one read of the logits per row in the forward,
 // one read + one write in the backward; OpenMP over rows, and over vocabulary splits when rows are few.
 #include <omp.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -17,14 +21,49 @@ namespace {
 constexpr int64_t kBlock = 2048;       // vocabulary elements converted and reduced at a time (8 KiB, in L1)
 constexpr int64_t kMinSplit = 8192;    // smallest vocabulary range worth a thread of its own
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// float16 -> float32, exact for every input (zero, subnormals, inf, NaN) and branch-free, so that the loops
+// that convert vectorise: GCC 12 converts _Float16 one element at a time without AVX512-FP16.
+inline float f16_to_float(uint16_t h16) {
+  const uint32_t h = h16, em = h & 0x7fffu, sign = (h & 0x8000u) << 16;
+  const uint32_t normal = (em << 13) + (em >= 0x7c00u ? 0x70000000u : 0x38000000u);  // rebias; inf/NaN to 255
+  const uint32_t tiny = float_to_bits(float(int32_t(em)) * 0x1p-24f);                 // zero and subnormals
+  const uint32_t is_tiny = 0u - uint32_t(em < 0x0400u);
+  return bits_to_float((tiny & is_tiny) | (normal & ~is_tiny) | sign);
+}
+
+// Element D as float (Elem<D>::load, with float16 through f16_to_float).
+template <int D>
+inline float load(const typename Elem<D>::T* p) {
+  if constexpr (D == kF16) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_float(h); }
+  else return Elem<D>::load(p);
+}
+
+// Bit j set where p[j] > thr, for j < 16 (false for NaN): one vector compare where the target has one.
+inline uint32_t gt_mask16(const float* p, float thr) {
+#if defined(__AVX512F__)
+  return uint32_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(thr), _CMP_GT_OQ));
+#elif defined(__AVX__)
+  const __m256 t = _mm256_set1_ps(thr);
+  return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), t, _CMP_GT_OQ))) |
+         uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), t, _CMP_GT_OQ))) << 8;
+#else
+  uint32_t m = 0;
+  for (int j = 0; j < 16; ++j) m |= uint32_t(p[j] > thr) << j;
+  return m;
+#endif
+}
 
 // Statistics of one vocabulary range of one row; ranges of a row merge exactly.
 struct Partial {
   float m = kNegInf;   // max of s
   double sum = 0;      // sum exp(s - m)
   double shifted = 0;  // sum exp(s - m) * (s - m)
-  std::vector<float> top_val;    // running top-k, descending, ties ordered by id
+  // Running top-k: the first `filled` slots, descending, equal values ordered by id (smaller first).
+  std::vector<float> top_val;
   std::vector<int64_t> top_id;
+  int filled = 0;
 
   void rescale_to(float m_new) {
     if (sum == 0 || m_new == m) { m = m_new; return; }  // nothing accumulated yet (or same max)
@@ -35,16 +74,33 @@ struct Partial {
     m = m_new;
   }
 
-  // Insert candidate (v, id) with id larger than every id seen so far: it goes after equal values.
+  // Insert candidate (v, id) with id larger than every id offered so far: it goes after equal values, and
+  // a full list takes it only when it beats the k-th value (so a tie with it keeps the smaller id).
   void offer(float v, int64_t id, int k) {
-    const int size = int(top_val.size());
-    if (size == k && !(v > top_val[k - 1])) return;
-    int pos = size;
-    while (pos > 0 && v > top_val[pos - 1]) --pos;
-    if (size < k) { top_val.push_back(0); top_id.push_back(0); }
-    for (int j = int(top_val.size()) - 1; j > pos; --j) { top_val[j] = top_val[j - 1]; top_id[j] = top_id[j - 1]; }
-    top_val[pos] = v;
-    top_id[pos] = id;
+    if (filled == k && !(v > top_val[size_t(k - 1)])) return;
+    int pos = filled < k ? filled++ : k - 1;  // the slot freed: the next empty one, or the k-th's
+    for (; pos > 0 && v > top_val[size_t(pos - 1)]; --pos) {
+      top_val[size_t(pos)] = top_val[size_t(pos - 1)];
+      top_id[size_t(pos)] = top_id[size_t(pos - 1)];
+    }
+    top_val[size_t(pos)] = v;
+    top_id[size_t(pos)] = id;
+  }
+
+  // Offer the scaled logits s[0, len) of vocabulary ids id0 + [0, len), whose max is smax. Almost every group
+  // of 16 costs one vector compare against the k-th value: the threshold only rises, so an element that does
+  // not beat the threshold at the start of its group cannot enter the list.
+  void offer_block(const float* s, int64_t len, int64_t id0, float smax, int k) {
+    int64_t i = 0;
+    for (; i < len && filled < k; ++i) offer(s[i], id0 + i, k);  // filling: every element enters
+    if (i == len || !(smax > top_val[size_t(k - 1)])) return;     // the whole block is below the threshold
+    for (; i + 16 <= len; i += 16) {
+      for (uint32_t m = gt_mask16(s + i, top_val[size_t(k - 1)]); m; m &= m - 1) {
+        const int j = __builtin_ctz(m);
+        offer(s[i + j], id0 + i + j, k);  // re-checks against the threshold, which may have risen
+      }
+    }
+    for (; i < len; ++i) offer(s[i], id0 + i, k);
   }
 };
 
@@ -59,36 +115,35 @@ void merge(Partial& a, const Partial& b, int k) {
     a.shifted += bb.shifted;
   }
   if (k == 0) return;
-  std::vector<float> val;
-  std::vector<int64_t> id;
-  size_t i = 0, j = 0;
-  while (int(val.size()) < k && (i < a.top_val.size() || j < b.top_val.size())) {
-    const bool take_a = j >= b.top_val.size() || (i < a.top_val.size() && !(b.top_val[j] > a.top_val[i]));
-    if (take_a) { val.push_back(a.top_val[i]); id.push_back(a.top_id[i]); ++i; }
-    else { val.push_back(b.top_val[j]); id.push_back(b.top_id[j]); ++j; }
+  std::vector<float> val(size_t(k), 0.f);
+  std::vector<int64_t> id(size_t(k), 0);
+  int i = 0, j = 0, n = 0;
+  for (; n < k && (i < a.filled || j < b.filled); ++n) {
+    const bool take_a = j >= b.filled || (i < a.filled && !(b.top_val[size_t(j)] > a.top_val[size_t(i)]));
+    if (take_a) { val[size_t(n)] = a.top_val[size_t(i)]; id[size_t(n)] = a.top_id[size_t(i)]; ++i; }
+    else { val[size_t(n)] = b.top_val[size_t(j)]; id[size_t(n)] = b.top_id[size_t(j)]; ++j; }
   }
   a.top_val.swap(val);
   a.top_id.swap(id);
+  a.filled = n;
 }
 
 template <int D>
 Partial row_range(const typename Elem<D>::T* row, int64_t v0, int64_t v1, float inv_t, int k) {
   Partial acc;
-  acc.top_val.reserve(k);
-  acc.top_id.reserve(k);
-  float buf[kBlock];
+  acc.top_val.assign(size_t(k), 0.f);
+  acc.top_id.assign(size_t(k), 0);
+  alignas(64) float buf[kBlock];
   for (int64_t b0 = v0; b0 < v1; b0 += kBlock) {
     const int64_t len = std::min(kBlock, v1 - b0);
     float bmax = kNegInf;
 #pragma omp simd reduction(max : bmax)
     for (int64_t i = 0; i < len; ++i) {
-      const float s = Elem<D>::load(row + b0 + i) * inv_t;
+      const float s = load<D>(row + b0 + i) * inv_t;
       buf[i] = s;
       bmax = s > bmax ? s : bmax;  // skips NaN: a NaN still poisons the sums below, and so the row
     }
-    if (k && (int(acc.top_val.size()) < k || bmax > acc.top_val[k - 1])) {
-      for (int64_t i = 0; i < len; ++i) acc.offer(buf[i], b0 + i, k);  // off the hot path: rare after warm-up
-    }
+    if (k) acc.offer_block(buf, len, b0, bmax, k);
     if (bmax == kNegInf) {  // an all -inf block adds nothing, unless it hides a NaN (rare path)
       for (int64_t i = 0; i < len; ++i)
         if (buf[i] != buf[i]) acc.sum = acc.shifted = std::numeric_limits<double>::quiet_NaN();
@@ -140,11 +195,15 @@ void fwd_impl(const void* logits, int64_t n, int64_t vocab, int64_t stride_row, 
     }
     Partial acc = std::move(parts[size_t(i * splits)]);
     for (int64_t s = 1; s < splits; ++s) merge(acc, parts[size_t(i * splits + s)], k);
+    // k <= V fills the list; should it not, the slots past `filled` read as id 0, NaN (a guard, not a case)
+    acc.top_val.resize(size_t(k));
+    acc.top_id.resize(size_t(k));
+    for (int j = acc.filled; j < k; ++j) acc.top_val[size_t(j)] = kNaN, acc.top_id[size_t(j)] = 0;
     const double log_sum = std::log(acc.sum);
     const double row_lse = double(acc.m) + log_sum;
     // A token outside [0, V) (possible only with value checks off) is never read: its logp is NaN.
     const bool tok_ok = tok >= 0 && tok < vocab;
-    const double target = tok_ok ? double(Elem<D>::load(base + i * stride_row + tok) * inv_t)
+    const double target = tok_ok ? double(load<D>(base + i * stride_row + tok) * inv_t)
                                  : std::numeric_limits<double>::quiet_NaN();
     lse[i] = float(row_lse);
     logp[i] = float(target - row_lse);
@@ -206,19 +265,19 @@ void bwd_impl(const void* logits, int64_t n, int64_t vocab, int64_t stride_row, 
     if (entropy_topk) {  // two loops, so that neither has a branch inside
       const float a = (gh * cc - gl) * inv_t;
 #pragma omp simd
-      for (int64_t v = v0; v < v1; ++v) Elem<D>::store(out + v, vexp(Elem<D>::load(row + v) * inv_t - l) * a);
+      for (int64_t v = v0; v < v1; ++v) Elem<D>::store(out + v, vexp(load<D>(row + v) * inv_t - l) * a);
     } else {
       const float a = -gl * inv_t, b = -gh * inv_t;
 #pragma omp simd
       for (int64_t v = v0; v < v1; ++v) {
-        const float lp = Elem<D>::load(row + v) * inv_t - l;
+        const float lp = load<D>(row + v) * inv_t - l;
         const float p = vexp(lp);
         Elem<D>::store(out + v, p * a + p * (finite_floor(lp) + h) * b);
       }
     }
     auto fix = [=](int64_t id) {  // full value of a special element, computed before any rounding
       if (id < v0 || id >= v1) return;
-      const float lp = Elem<D>::load(row + id) * inv_t - l;
+      const float lp = load<D>(row + id) * inv_t - l;
       const float p = vexp(lp);
       float g = bulk(lp, p);
       if (id == tok) g += gl;
