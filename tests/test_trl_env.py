@@ -57,7 +57,7 @@ class EnvRecorder(ToolRecorder):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.states, self.replayed = [], []
+        self.states, self.replayed, self.names = [], [], []
 
     def _replay(self, head, tools, row, parent):
         super()._replay(head, tools, row, parent)
@@ -67,6 +67,7 @@ class EnvRecorder(ToolRecorder):
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
         self.states.append([(list(e.calls), e.total) for e in self.environments])
+        self.names.append([(name, type(e)) for name, e in zip(self._batch_environments, self.environments)])
         return out
 
 
@@ -148,6 +149,74 @@ def test_the_tool_budget_counts_the_replayed_prefix(tool_model, tmp_path):
             refused += bool(messages[-1].get("tool_calls"))
             assert trainer.states[k][row][0] == calls
     assert refused, "no branch after a tool round asked for another call: the test checks nothing"
+    # evaluation: the same loop, each row on its own environment, without forks
+    trainer.evaluate(datasets.Dataset.from_dict({"prompt": PROMPTS}))
+    (tree, _), (model_rows, messages) = trainer.batches[-1], trainer.tool_results[-1][:2]
+    assert all(p == -1 for p in tree["appo_parent"]) and sum(map(_tool_rounds, messages)) > 0
+    for m, row, state in zip(messages, model_rows, trainer.states[-1]):
+        _check_register_row(m, row, state, budget=1)
+
+
+class Calculator(Register):
+    """Stateless: `add` returns a + b whatever came before (and records the call)."""
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: The first integer.
+            b: The second integer.
+        """
+        self.calls.append((a, b))
+        return a + b
+
+
+def test_a_dict_of_environments_routes_each_group_to_its_own(tool_model, tmp_path):
+    # TRL's multi-environment form: an `environment` column names each example's environment; the branches of a
+    # group run on (and replay into) instances of that group's environment
+    dataset = datasets.Dataset.from_dict({"prompt": PROMPTS, "environment": ["register", "calculator"]})
+    trainer = train_tools(tool_model, tmp_path, budget=2, steps=2, trainer_cls=EnvRecorder, beta=0.0,
+                          reward_funcs=states_the_register, setup={"train_dataset": dataset, "environment_factory": {
+                              "register": Register, "calculator": Calculator}})
+    kinds = {"register": Register, "calculator": Calculator}
+    seen = set()
+    for k, names in enumerate(trainer.names):
+        model_rows, messages = trainer.tool_results[k][:2]
+        for r, (name, kind) in enumerate(names):
+            assert kind is kinds[name] and name == names[r - r % 4][0]      # one environment per group
+            calls = _calls(messages[r])
+            results = [m["content"] for m in messages[r] if m["role"] == "tool"]
+            if name == "register":
+                _check_register_row(messages[r], model_rows[r], trainer.states[k][r], budget=2)
+            else:
+                assert results == [str(c["a"] + c["b"]) for c in calls[:len(results)]]
+            seen.add((name, bool(results)))
+    assert {("register", True), ("calculator", True)} <= seen
+    assert any(prefix_calls for _, _, _, prefix_calls, _ in trainer.replayed)
+
+
+class Observed:
+    """No tools: reset() adds an observation to the prompt and get_reward scores the rollout."""
+
+    def reset(self, **example):
+        self.resets = getattr(self, "resets", 0) + 1
+        return " Go."
+
+    def get_reward(self) -> float:
+        return float(self.resets)
+
+
+def _length(completions, **_):
+    return [len(c[-1]["content"]) / 64 for c in completions]
+
+
+def test_an_environment_without_tools_trains_single_turn(tool_model, tmp_path):
+    trainer = train_tools(tool_model, tmp_path, budget=2, steps=1, trainer_cls=ToolRecorder, beta=0.0,
+                          reward_funcs=_length, setup={"environment_factory": Observed})
+    (tree, out), = trainer.batches
+    assert not trainer.tool_results and any(p >= 0 for p in tree["appo_parent"])
+    assert tool_model[1].decode(out["prompt_ids"][0]).count("Go.") == 1
+    assert any("rewards/Observed/mean" in h for h in trainer.state.log_history)
 
 
 class Drifting(Register):

@@ -119,15 +119,15 @@ PROMPTS = [[{"role": "user", "content": f"{a}+{b}+{c}="}] for a, b, c in ((3, 4,
 
 def train_tools(tool_model, tmp_path, budget, steps, trainer_cls=ToolRecorder, reward_funcs=answer_and_rounds,
                 setup=None, **config):
-    """Train on PROMPTS with `setup` (the trainer's tool arguments; default `tools=[add]`)."""
+    """Train on PROMPTS with `setup` (the trainer's tool arguments, default `tools=[add]`, or another dataset)."""
     path, tok = tool_model
     settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
                     max_completion_length=64, max_steps=steps, logging_steps=1, report_to="none", use_cpu=True,
                     seed=0, save_strategy="no", learning_rate=1e-3, disable_tqdm=True,
                     max_tool_calling_iterations=budget)
     trainer = trainer_cls(model=path, reward_funcs=reward_funcs, args=APPOConfig(**(settings | config)),
-                          processing_class=tok, train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
-                          **(setup or {"tools": [add]}))
+                          processing_class=tok, **({"train_dataset": datasets.Dataset.from_dict({"prompt": PROMPTS})}
+                                                   | (setup or {"tools": [add]})))
     trainer.train()
     return trainer
 

@@ -88,7 +88,8 @@ _CONFIG_FIELDS = ("num_generations", "per_device_train_batch_size", "steps_per_g
 _ATTRIBUTES = ("_metrics", "_logs", "_tokenizer", "tools", "environment_factories", "eos_token_ids", "ref_model",
                "reward_weights", "num_generations_eval", "max_tool_calling_iterations")
 # With `environment_factory`: set by GRPOTrainer.__init__ (checked on construction) and by
-# GRPOTrainer._generate_and_score_completions before the rollout hook (checked in the hook), per row of the batch.
+# GRPOTrainer._generate_and_score_completions before the rollout hook (checked in the hook), per row of the batch
+# (`_sync_tool_dicts` only when there are tools).
 _ENVIRONMENT_ATTRIBUTES = ("environments", "_env_tools")
 _BATCH_ATTRIBUTES = ("environments", "_batch_environments", "_sync_tool_dicts")
 INSTALL_HINT = (f"in a clone of the appo_kernels repository, pip install \".[trl]\" (or pip install "
@@ -417,7 +418,8 @@ class APPOTrainer(_trl.GRPOTrainer):
         `environment_factory`, row r's tool calls go to TRL's environment for row r (`_row_tools`), which a branch
         first brings to its prefix's state (`_replay`)."""
         if self.environment_factories is not None:
-            missing = [name for name in _BATCH_ATTRIBUTES if not hasattr(self, name)]
+            missing = [name for name in _BATCH_ATTRIBUTES
+                       if not hasattr(self, name) and (self.tools or name != "_sync_tool_dicts")]
             if missing:
                 raise RuntimeError(_untested(_trl.__version__, [f"GRPOTrainer._generate_and_score_completions sets "
                                                                 f"no `{name}` with environment_factory"
@@ -509,7 +511,7 @@ class APPOTrainer(_trl.GRPOTrainer):
         and the bound methods of TRL's environment instance for that row, `_sync_tool_dicts`) and the instance."""
         if self.environment_factories is None:
             return _Tools(self.tools, self._appo_tools, None)
-        return _Tools(self._env_tools[self._batch_environments[row]], self._sync_tool_dicts[row],
+        return _Tools(self._env_tools[self._batch_environments[row]], self._sync_tool_dicts[row] if self.tools else {},
                       self.environments[row])
 
     def _take_turn(self, prompt_ids: list[int], rollout: _Rollout, tools: _Tools) -> bool:
