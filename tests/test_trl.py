@@ -219,7 +219,7 @@ def test_a_substitute_that_ends_the_completion_is_not_continued(model_dir, tmp_p
     trainer = train(model_dir, tmp_path, steps=0, appo_branch_mode="topk")
     head, fresh = _Rollout(), _Rollout()
     head.extend([2, 3, 1], 1, None)                  # a branch whose substituted token is <eos>
-    done = trainer._roll([[4, 5], [4, 5]], [head, fresh], 1)
+    done = trainer._roll([[4, 5], [4, 5]], [head, fresh], 1, [trainer._row_tools(0)] * 2)
     assert done[0].ids == [2, 3, 1] and len(done[1].ids) > 0
 
 
