@@ -60,10 +60,22 @@ class StepBatch:
         return self.parent >= 0
 
 
+def _on(x: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if x is None else x.to(device)
+
+
+def _to_cpu(result):
+    """A NamedTuple of tensors (token_stats, branching_score) computed on a GPU, moved to the CPU (differentiable)."""
+    if all(not isinstance(x, Tensor) or x.device.type == "cpu" for x in result):
+        return result
+    return type(result)(*(x.cpu() if isinstance(x, Tensor) else x for x in result))
+
+
 def policy_token_stats(model: torch.nn.Module, tokens: Tensor, attention: Tensor, mask: Tensor, backend: str):
-    """`appo_kernels.token_stats` of `model`'s logits on the masked tokens (0 elsewhere): logp, entropy `[R, T]`."""
+    """`appo_kernels.token_stats` of `model`'s logits on the masked tokens (0 elsewhere): logp, entropy `[R, T]`
+    (computed where the model is, returned on the CPU)."""
     logits = token_logits(model, tokens, attention)
-    return ak.token_stats(logits, tokens, mask=mask, backend=backend)
+    return _to_cpu(ak.token_stats(logits, _on(tokens, logits.device), mask=_on(mask, logits.device), backend=backend))
 
 
 def prompt_rows(tasks: list[Task], counts: int | dict[int, int], tok: CharTokenizer, budget: int, key: tuple,
@@ -72,7 +84,7 @@ def prompt_rows(tasks: list[Task], counts: int | dict[int, int], tok: CharTokeni
     of prompt g sampling from the stream (*key, g, j)."""
     rows = []
     for g in range(len(tasks)) if groups is None else groups:
-        ids = [tok.bos_id] + tok.encode(tasks[g].prompt)
+        ids = tok.prompt_ids(tasks[g])
         n = counts if isinstance(counts, int) else counts[g]
         rows += [start_rollout(g, ids, [PROMPT] * len(ids), len(ids), tasks, tok, budget, seed=derive_seed(*key, g, j))
                  for j in range(n)]
@@ -94,7 +106,7 @@ def fork(rows: list[Rollout], parent: int, position: int, tasks: list[Task], tok
 
 def _finish(tasks, rows, tok, **extra) -> StepBatch:
     tokens, attention, kinds = pad_batch(rows, tok.pad_id)
-    episodes = [score_response(tasks[r.task], tok.decode(r.tokens[r.prompt_len:])) for r in rows]
+    episodes = [tok.score(tasks[r.task], r.tokens, r.kinds, r.prompt_len) for r in rows]
     return StepBatch(tasks, rows, tokens, attention, kinds,
                      group=torch.tensor([r.task for r in rows]), parent=torch.tensor([r.parent for r in rows]),
                      split=torch.tensor([r.split for r in rows]), episodes=episodes,
@@ -106,8 +118,10 @@ def branch_eligible(tokens: Tensor, kinds: Tensor, tok: CharTokenizer, max_new: 
     """Generated tokens that leave room to generate: not <eos>, not the last token of the length budget; with
     `after_answer=False` also none after the first <ans> (the answer's value and its sign-off)."""
     gen = kinds == GEN
-    eligible = gen & (tokens != tok.eos_id) & (gen.cumsum(1) < max_new)
+    eligible = gen & ~torch.isin(tokens, torch.tensor(tok.stop_ids)) & (gen.cumsum(1) < max_new)
     if not after_answer:
+        if getattr(tok, "ans_id", None) is None:
+            raise ValueError("forks_after_answer: False needs a task with an answer token (<ans>)")
         ans = (tokens == tok.ans_id) & gen
         eligible &= (ans.cumsum(1) - ans.long()) == 0
     return eligible
@@ -120,6 +134,10 @@ def appo_scores(cfg, logits: Tensor, tokens: Tensor, attention: Tensor, gen_mask
     the tokens after t only: `score_tokens` fed the log-ratios shifted by one (r'[t] = r[t + 1], summed over
     every real position), whose scan F'[t] = sum_{k >= t} r'[k] is sum_{k > t} r[k] (gamma = 1)."""
     topk = cfg.branch_topk if cfg.branch_mode == "topk" else 0
+    if logits.device != tokens.device:           # the model on a GPU: score there, hand the scores to the CPU
+        dev = logits.device
+        return _to_cpu(appo_scores(cfg, logits, tokens.to(dev), attention.to(dev), gen_mask.to(dev),
+                                   eligible.to(dev), _on(logp_old, dev)))
     if logp_old is None or cfg.omega_own_term:
         return ak.branching_score(logits, tokens, logp_old, gen_mask, eligible=eligible, temperature=cfg.temperature,
                                   topk=topk, backend=cfg.backend)
@@ -193,7 +211,8 @@ class ARPO(GRPO):
         tokens, attention, kinds = pad_batch(rows, tok.pad_id)
         with torch.no_grad():
             logits = token_logits(model, tokens, attention)
-            entropy = ak.token_stats(logits, tokens, mask=kinds == GEN, backend=cfg.backend).entropy
+            entropy = ak.token_stats(logits, _on(tokens, logits.device), mask=_on(kinds == GEN, logits.device),
+                                     backend=cfg.backend).entropy.cpu()
         forks = _arpo_forks(rows, kinds, entropy, branches_per_prompt, key)
         slot = dict.fromkeys(groups, 0)
         extra = []
@@ -245,7 +264,8 @@ class APPO(Algorithm):
         """logp_old of Omega: the sampler's own (`cfg.omega_source` "behavior"), else `omega_model`'s (the
         previous policy or the reference), else None (the first step under "prev_policy": no Omega yet)."""
         if cfg.omega_source == "behavior":
-            return ak.token_stats(logits, tokens, mask=gen_mask, backend=cfg.backend).logp
+            return ak.token_stats(logits, _on(tokens, logits.device), mask=_on(gen_mask, logits.device),
+                                  backend=cfg.backend).logp.cpu()
         if omega_model is not None:
             return policy_token_stats(omega_model, tokens, attention, gen_mask, cfg.backend).logp
         return None

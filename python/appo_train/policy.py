@@ -5,18 +5,22 @@ Generation is a hand-written loop over `model(..., cache=...)`: each row feeds i
 or branch prefix at first, then one sampled token, or a tool result) as a left-padded chunk; padding inside
 the sequence is masked out and positions count real tokens only, so every row sees exactly what it would see
 alone. Finished rows are dropped from the cache as the batch thins out.
+
+What a tool call, a tool result, a prompt and the end of a response are is asked of the tokenizer object (its
+tool protocol: `stop_ids`, `prompt_ids`, `call_ended`, `calls_made`, `tool_result`, `score`): `CharTokenizer`
+for the bundled tiny model, `hf_policy.ChatTokenizer` for a Hugging Face causal LM and its chat template.
+The model may sit on a GPU (bf16 autocast there); the bookkeeping and the sampling streams stay on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .tasks import Task
-from .tokenizer import CharTokenizer
-
-PROMPT, GEN, TOOL = 0, 1, 2          # token kinds: only GEN tokens are scored and trained
+from .tokenizer import GEN, PROMPT, TOOL, CharTokenizer  # noqa: F401  (token kinds: only GEN is trained)
 
 
 @dataclass
@@ -66,15 +70,19 @@ class Rollout:
         return sum(k == GEN for k in self.kinds)
 
 
+def autocast(model: torch.nn.Module):
+    """bf16 autocast for a model on a CUDA device; nothing on the CPU."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _append_tool_result(r: Rollout, tasks: list[Task], tok: CharTokenizer, budget: int) -> None:
-    """After a sampled </call>: run the call (within the budget) and queue <res>result</res> as tool tokens."""
-    start = len(r.tokens) - 1
-    while start > 0 and r.tokens[start] != tok.call_id:
-        start -= 1
+    """After a closed call (e.g. a sampled </call>): run the call (within the budget) and queue its result
+    (<res>result</res>, or the chat template's tool turn) as tool tokens."""
     r.calls += 1
-    text = tok.decode(r.tokens[start + 1:-1]) if r.tokens[start] == tok.call_id else ""
-    result = tasks[r.task].tool(text) if r.calls <= budget else "err"
-    ids = [tok.res_id] + tok.encode(result) + [tok.end_res_id]
+    ids = tok.tool_result(r.tokens, r.kinds, tasks[r.task], r.calls <= budget)
     r.tokens += ids
     r.kinds += [TOOL] * len(ids)
     r.pending += ids
@@ -86,15 +94,15 @@ def start_rollout(task: int, tokens: list[int], kinds: list[int], prompt_len: in
     from its own random stream `seed`."""
     r = Rollout(task, list(tokens), list(kinds), prompt_len, parent=parent, split=split, seed=seed,
                 pending=list(tokens))
-    r.calls = sum(1 for t, k in zip(tokens, kinds) if k == GEN and t == tok.end_call_id)
-    if kinds[-1] == GEN and tokens[-1] == tok.end_call_id:
+    r.calls = tok.calls_made(tokens, kinds)
+    if tok.call_ended(tokens, kinds):
         r.calls -= 1                      # counted again by the tool run below
         _append_tool_result(r, tasks, tok, budget)
     return r
 
 
 def _finished(r: Rollout, tok: CharTokenizer, max_new: int) -> bool:
-    return (r.kinds[-1] == GEN and r.tokens[-1] == tok.eos_id) or r.num_generated >= max_new
+    return (r.kinds[-1] == GEN and r.tokens[-1] in tok.stop_ids) or r.num_generated >= max_new
 
 
 @torch.no_grad()
@@ -106,6 +114,7 @@ def generate(model: torch.nn.Module, rows: list[Rollout], tasks: list[Task], tok
     sampling), so what a row samples does not depend on which other rows share its batch."""
     from transformers import DynamicCache
     model.eval()
+    device = next(model.parameters()).device
     slots = [i for i, r in enumerate(rows) if not _finished(r, tok, max_new)]   # rows in cache order
     streams = {i: torch.Generator().manual_seed(rows[i].seed) for i in slots}
     live = [True] * len(slots)
@@ -122,8 +131,9 @@ def generate(model: torch.nn.Module, rows: list[Rollout], tasks: list[Task], tok
                 chunk[b, width - len(p):] = 1
         attn = torch.cat([attn, chunk], 1)
         pos = (attn.cumsum(1) - 1).clamp(min=0)[:, -width:]
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1].float()
+        with autocast(model):
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
+                           cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float().cpu()
         if greedy:
             nxt = logits.argmax(-1)
         else:
@@ -137,14 +147,14 @@ def generate(model: torch.nn.Module, rows: list[Rollout], tasks: list[Task], tok
             r.tokens.append(t)
             r.kinds.append(GEN)
             r.pending = [t]
-            if t == tok.end_call_id:
+            if tok.call_ended(r.tokens, r.kinds):
                 _append_tool_result(r, tasks, tok, budget)
             if _finished(r, tok, max_new):
-                r.truncated = t != tok.eos_id
+                r.truncated = t not in tok.stop_ids
                 r.pending, live[b] = [], False
         if sum(live) <= 0.75 * len(slots):      # drop finished rows from the cache as the batch thins out
             keep = torch.tensor([b for b in range(len(slots)) if live[b]], dtype=torch.long)
-            cache.batch_select_indices(keep)
+            cache.batch_select_indices(keep.to(device))
             attn = attn[keep]
             slots = [slots[b] for b in keep.tolist()]
             live = [True] * len(slots)
@@ -164,6 +174,8 @@ def pad_batch(rows: list[Rollout], pad_id: int) -> tuple[Tensor, Tensor, Tensor]
 
 def token_logits(model: torch.nn.Module, tokens: Tensor, attention: Tensor) -> Tensor:
     """`[R, T, V]` logits aligned with the tokens: row t holds the logits that predicted token t (row 0,
-    the <bos>, is zeros). Differentiable when called under grad."""
-    logits = model(input_ids=tokens, attention_mask=attention).logits
+    the <bos>, is zeros), on the model's device. Differentiable when called under grad."""
+    device = next(model.parameters()).device
+    with autocast(model):
+        logits = model(input_ids=tokens.to(device), attention_mask=attention.to(device)).logits
     return torch.cat([logits.new_zeros(logits.shape[0], 1, logits.shape[2]), logits[:, :-1]], 1)

@@ -8,6 +8,7 @@ PAD, BOS, EOS, ANS = "<pad>", "<bos>", "<eos>", "<ans>"
 CALL, END_CALL, RES, END_RES = "<call>", "</call>", "<res>", "</res>"
 SPECIALS = (PAD, BOS, EOS, CALL, END_CALL, RES, END_RES, ANS)    # ids 0..7, in this order
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz +-*:?"
+PROMPT, GEN, TOOL = 0, 1, 2          # token kinds: only GEN tokens are scored and trained
 
 
 class CharTokenizer:
@@ -49,3 +50,36 @@ class CharTokenizer:
 
     def token_text(self, i: int) -> str:
         return self.vocab[int(i)]
+
+    # --- the tool protocol the policy and the algorithms call (hf_policy.ChatTokenizer implements the same
+    # for a Hugging Face model and its chat template) ---------------------------------------------------------
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a response when generated."""
+        return (self.eos_id,)
+
+    def prompt_ids(self, task) -> list[int]:
+        """A task's prompt as the policy reads it."""
+        return [self.bos_id] + self.encode(task.prompt)
+
+    def call_ended(self, tokens: list[int], kinds: list[int]) -> bool:
+        """Whether the last token (generated) closes a tool call."""
+        return kinds[-1] == GEN and tokens[-1] == self.end_call_id
+
+    def calls_made(self, tokens: list[int], kinds: list[int]) -> int:
+        """Tool calls in a response prefix (closed ones, the last one included)."""
+        return sum(1 for t, k in zip(tokens, kinds) if k == GEN and t == self.end_call_id)
+
+    def tool_result(self, tokens: list[int], kinds: list[int], task, allowed: bool) -> list[int]:
+        """The tool tokens that follow a closed call: <res>result</res> ('err' past the budget)."""
+        start = len(tokens) - 1
+        while start > 0 and tokens[start] != self.call_id:
+            start -= 1
+        text = self.decode(tokens[start + 1:-1]) if tokens[start] == self.call_id else ""
+        result = task.tool(text) if allowed else "err"
+        return [self.res_id] + self.encode(result) + [self.end_res_id]
+
+    def score(self, task, tokens: list[int], kinds: list[int], prompt_len: int):
+        """The Episode (reward, success) of a finished response (tasks.score_response)."""
+        from .tasks import score_response
+        return score_response(task, self.decode(tokens[prompt_len:]))

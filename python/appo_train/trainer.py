@@ -34,7 +34,8 @@ class TrainConfig:
     algo: str = "appo"
     seed: int = 0
     out_dir: str = "runs/appo"
-    task: str = "easy"               # the task family (tasks.py): "easy" or "hard"
+    task: str | None = None          # the task family: tasks.py's "easy" (default) or "hard"; with `model`,
+                                     # chat_tasks.py's "arith" (default)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     # supervised warm start on imperfect demonstrations
     sft_examples: int = 6000
@@ -80,15 +81,32 @@ class TrainConfig:
     sample_groups: int = 2
     backend: str = "auto"
     sft_cache: str | None = None   # where the warm-start weights are kept (shared by a comparison's runs)
+    # a Hugging Face causal LM instead of the tiny model (hf_policy.py): a folder, a .gguf file or a preset
+    # ("smollm2"); it is the starting policy (no warm start) and runs the chat tasks (chat_tasks.py)
+    model: str | None = None
+    device: str | None = None      # cpu, cuda, cuda:N or auto; None: cpu for the tiny model, auto with `model`
 
     def __post_init__(self):
         if isinstance(self.policy, dict):
             self.policy = PolicyConfig(**self.policy)
         if self.algo not in ALGORITHMS:
             raise ValueError(f"algo: expected one of {ALGORITHMS}, got {self.algo!r}")
-        if self.task not in TASKS:
-            raise ValueError(f"task: expected one of {TASKS}, got {self.task!r}")
-        for name, value in LIMITS[self.task].items():
+        if self.model is None:
+            tasks, limits = TASKS, LIMITS
+            self.task, self.device = self.task or "easy", self.device or "cpu"
+        else:
+            from .chat_tasks import CHAT_LIMITS, CHAT_TASKS
+            tasks, limits = CHAT_TASKS, CHAT_LIMITS
+            self.task, self.device = self.task or "arith", self.device or "auto"
+            if not self.forks_after_answer:
+                raise ValueError("forks_after_answer: only the tiny model's tasks have an <ans> token; "
+                                 "with `model` it must stay True")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device: expected cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if self.task not in tasks:
+            raise ValueError(f"task: expected one of {tasks}{' with model' if self.model else ''}, got "
+                             f"{self.task!r}")
+        for name, value in limits[self.task].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.branch_mode not in FORK_MODES:
@@ -114,6 +132,27 @@ class TrainConfig:
                                                                        "tasks": TASK_VERSION}
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device of `--device`: auto = cuda when a GPU is visible, else cpu; under torchrun on GPUs each
+    rank takes cuda:LOCAL_RANK. Raises ValueError naming `device` when CUDA is asked for and absent."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {name} asked for, but torch sees no CUDA device (torch {torch.__version__})")
+        if name == "cuda":
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return torch.device(name)
+
+
+def new_task(cfg: TrainConfig, rng: random.Random):
+    """One task of the run's family: tasks.py for the tiny model, chat_tasks.py with `cfg.model`."""
+    if cfg.model is not None:
+        from .chat_tasks import make_task as make_chat_task
+        return make_chat_task(rng, cfg.task)
+    return make_task(rng, cfg.task)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of the torch.distributed job this process is in; (0, 1) when there is none."""
     if dist.is_available() and dist.is_initialized():
@@ -125,7 +164,8 @@ def all_sum(values: dict[str, float]) -> dict[str, float]:
     """Each named value summed over the ranks (float64; the values themselves in a single process)."""
     if world()[1] == 1:
         return dict(values)
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(values, t.tolist()))
 
@@ -210,12 +250,12 @@ def evaluate(model, cfg: TrainConfig, tok: CharTokenizer) -> dict:
     """Sampled (temperature 1) success, reward and tool calls on the fixed held-out prompts (sharded over the
     ranks of a data-parallel run; every prompt and sample keeps its own random stream)."""
     rng = random.Random(EVAL_SEED)
-    tasks = [make_task(rng, cfg.task) for _ in range(cfg.eval_prompts)]
+    tasks = [new_task(cfg, rng) for _ in range(cfg.eval_prompts)]
     rows = algorithms.prompt_rows(tasks, cfg.eval_samples, tok, cfg.tool_budget, (EVAL_SEED, cfg.seed, "eval"),
                                   _shard(len(tasks)))
     generate(model, rows, tasks, tok, max_new=cfg.max_new_tokens, budget=cfg.tool_budget,
              temperature=cfg.temperature)
-    eps = [algorithms.score_response(tasks[r.task], tok.decode(r.tokens[r.prompt_len:])) for r in rows]
+    eps = [tok.score(tasks[r.task], r.tokens, r.kinds, r.prompt_len) for r in rows]
     total = all_sum({"rows": len(eps), "success": sum(e.success for e in eps), "reward": sum(e.reward for e in eps),
                      "tool_calls": sum(r.calls for r in rows), "format": sum(e.well_formed for e in eps)})
     return {f"eval_{k}": total[k] / total["rows"] for k in ("success", "reward", "tool_calls", "format")}
@@ -293,10 +333,16 @@ class Trainer:
         if self.rank == 0:
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
         self.backend = backend_in_use(cfg.backend)
-        self.tok = CharTokenizer()
-        sft = warm_start(cfg, self.tok, self.progress)
-        self.model = build_policy(self.tok, cfg.policy, cfg.seed)
-        self.model.load_state_dict(sft)
+        self.device = resolve_device(cfg.device)
+        if cfg.model is None:
+            self.tok = CharTokenizer()
+            sft = warm_start(cfg, self.tok, self.progress)
+            self.model = build_policy(self.tok, cfg.policy, cfg.seed)
+            self.model.load_state_dict(sft)
+        else:                                  # a pretrained (instruct) model is its own starting policy
+            from .hf_policy import load_policy
+            self.model, self.tok = load_policy(cfg.model)
+        self.model.to(self.device)
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.prev: torch.nn.Module | None = None        # the policy before the last update (Omega)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -309,8 +355,9 @@ class Trainer:
         path = self.out / "checkpoint.pt"
         if not path.exists():
             return
-        ck = torch.load(path, weights_only=False)
-        if _trajectory(ck["config"]) != _trajectory(asdict(self.cfg)):
+        ck = torch.load(path, weights_only=False, map_location=self.device)
+        held = {"model": None, "device": "cpu"} | ck["config"]      # checkpoints from before these settings
+        if _trajectory(held) != _trajectory(asdict(self.cfg)):
             raise ValueError(f"out_dir: {self.out} holds a checkpoint of a different configuration; use another "
                              f"--out or delete {path}")
         self.model.load_state_dict(ck["model"])
@@ -384,7 +431,7 @@ class Trainer:
         the result is the single-process one for the same seed (up to float rounding)."""
         cfg, step = self.cfg, self.step
         rng = seeding.rng(cfg.seed, step, "tasks")
-        tasks = [make_task(rng, cfg.task) for _ in range(cfg.prompts_per_step)]
+        tasks = [new_task(cfg, rng) for _ in range(cfg.prompts_per_step)]
         omega_model = {"prev_policy": self.prev, "reference": self.ref, "behavior": None}[cfg.omega_source]
         batch = self.algorithm.collect(cfg, self.model, tasks, self.tok, (cfg.seed, step), _shard(len(tasks)),
                                        omega_model)
@@ -410,7 +457,7 @@ class Trainer:
             "entropy": float(behaviour.entropy[initial].sum()), "entropy_tokens": int(initial.sum()),
             "branches": int(batch.is_branch.sum()), "candidates": 0 if sc is None else int(sc.candidate.sum()),
             "eligible": 0 if sc is None else int(torch.isfinite(sc.score).sum()), "forks": len(batch.forks),
-            **self._fork_places(batch)})
+            **(self._fork_places(batch) if cfg.model is None else {})})
         self.gen_tokens += int(total["new_tokens"])
         rows = total["rows"]
         record = {"algo": cfg.algo, "seed": cfg.seed, "step": self.step, "gen_tokens": self.gen_tokens,
@@ -419,8 +466,10 @@ class Trainer:
                   "entropy": _ratio(total["entropy"], total["entropy_tokens"]),    # over the initial rollouts
                   "format": total["format"] / rows, "branches": int(total["branches"]),
                   "candidate_share": _ratio(total["candidates"], total["eligible"]),
-                  "post_answer_forks": _ratio(total["post_answer_forks"], total["forks"]),
-                  "decision_forks": _ratio(total["decision_forks"], total["forks"]), "ranks": self.world_size,
+                  # the tiny model's tasks only (the sign-off decoy, tasks.decision_positions); None otherwise
+                  "post_answer_forks": _ratio(total.get("post_answer_forks", 0), total["forks"] * (cfg.model is None)),
+                  "decision_forks": _ratio(total.get("decision_forks", 0), total["forks"] * (cfg.model is None)),
+                  "ranks": self.world_size,
                   "backend": self.backend, **losses}
         return record, batch, adv
 
