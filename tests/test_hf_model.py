@@ -218,3 +218,18 @@ def test_smollm2_one_appo_step(smollm2, tmp_path):
                       device="cpu")
     summary = Trainer(cfg, progress=False).run()
     assert summary["steps"] == 1
+
+
+def test_device_choice(tiny_folder, tmp_path):
+    from appo_train.cli import main
+    from appo_train.trainer import resolve_device
+    assert TrainConfig().device == "cpu" and TrainConfig(model="x").device == "auto"
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device: expected cpu, cuda, cuda:N or auto"):
+        TrainConfig(device="tpu")
+    if not torch.cuda.is_available():             # the CUDA path itself needs a GPU (not run here)
+        with pytest.raises(ValueError, match="device: cuda asked for, but torch sees no CUDA device"):
+            resolve_device("cuda")
+        with pytest.raises(SystemExit, match="^appo-train: --device: cuda asked for"):
+            main(["--model", str(tiny_folder), "--device", "cuda", "--out", str(tmp_path / "run"), "--no-progress"])
