@@ -203,7 +203,8 @@ def _native_topk_rows(gen, V):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("k,mode", [(1, "exact"), (5, "topk"), (16, "exact"), (17, "topk"), (40, "exact")])
+@pytest.mark.parametrize("k,mode", [(1, "exact"), (5, "topk"), (16, "exact"), (17, "topk"), (40, "exact"),
+                                    (130, "exact")])
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
 def test_native_running_topk_blocks_groups_and_splits(gen, dtype, k, mode):
     if "native" not in ak.available_backends():
@@ -260,6 +261,9 @@ def test_native_undefined_rows_in_long_rows(gen, k):
         good = [0, 3]
         check_against_oracle(ak.token_stats(logits[good], tokens[good], topk=k, backend="native"), logits[good],
                              tokens[good], topk=k)
+        # a NaN among fewer than k other entries: the list cannot fill; the row is NaN, its ids stay in range
+        tiny = ak.token_stats(torch.tensor([[1.0, float("nan"), 2.0]]), torch.tensor([0]), topk=3, backend="native")
+        assert torch.isnan(tiny.topk_logp).all() and ((tiny.topk_ids >= 0) & (tiny.topk_ids < 3)).all()
     finally:
         torch.set_num_threads(threads)
 

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -19,6 +20,8 @@ namespace appo {
 namespace {
 
 constexpr int64_t kBlock = 2048;       // vocabulary elements converted and reduced at a time (8 KiB, in L1)
+constexpr int64_t kSub = 256;          // a run of the block: the top-k skips runs below its threshold
+constexpr int kLanes = 16;             // partial results kept per loop (one AVX-512 register of floats)
 constexpr int64_t kMinSplit = 8192;    // smallest vocabulary range worth a thread of its own
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -40,17 +43,20 @@ inline float load(const typename Elem<D>::T* p) {
   else return Elem<D>::load(p);
 }
 
-// Bit j set where p[j] > thr, for j < 16 (false for NaN): one vector compare where the target has one.
-inline uint32_t gt_mask16(const float* p, float thr) {
+// Bit j set where p[j] > thr (p[j] >= thr with kOrEqual), for j < 16; never for NaN. One vector compare
+// where the target has one.
+template <bool kOrEqual = false>
+inline uint32_t above_mask16(const float* p, float thr) {
 #if defined(__AVX512F__)
-  return uint32_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(thr), _CMP_GT_OQ));
+  return uint32_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(thr), kOrEqual ? _CMP_GE_OQ : _CMP_GT_OQ));
 #elif defined(__AVX__)
   const __m256 t = _mm256_set1_ps(thr);
-  return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), t, _CMP_GT_OQ))) |
-         uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), t, _CMP_GT_OQ))) << 8;
+  constexpr int op = kOrEqual ? _CMP_GE_OQ : _CMP_GT_OQ;
+  return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), t, op))) |
+         uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), t, op))) << 8;
 #else
   uint32_t m = 0;
-  for (int j = 0; j < 16; ++j) m |= uint32_t(p[j] > thr) << j;
+  for (int j = 0; j < 16; ++j) m |= uint32_t(kOrEqual ? p[j] >= thr : p[j] > thr) << j;
   return m;
 #endif
 }
@@ -87,20 +93,44 @@ struct Partial {
     top_id[size_t(pos)] = id;
   }
 
-  // Offer the scaled logits s[0, len) of vocabulary ids id0 + [0, len), whose max is smax. Almost every group
-  // of 16 costs one vector compare against the k-th value: the threshold only rises, so an element that does
-  // not beat the threshold at the start of its group cannot enter the list.
-  void offer_block(const float* s, int64_t len, int64_t id0, float smax, int k) {
+  // Offer the scaled logits s[0, len) of vocabulary ids id0 + [0, len); run_max[c] holds the lane maxima of
+  // the c-th run of kSub (a lane with no element holds -inf). The threshold (the k-th kept value) only rises,
+  // so a run none of whose lanes beats it is skipped whole, and in the others each group of 16 costs one
+  // vector compare; only the elements above the threshold are offered.
+  void offer_block(const float* s, int64_t len, int64_t id0, const float (*run_max)[kLanes], int k) {
+    const int64_t runs = (len + kSub - 1) / kSub;
     int64_t i = 0;
-    for (; i < len && filled < k; ++i) offer(s[i], id0 + i, k);  // filling: every element enters
-    if (i == len || !(smax > top_val[size_t(k - 1)])) return;     // the whole block is below the threshold
-    for (; i + 16 <= len; i += 16) {
-      for (uint32_t m = gt_mask16(s + i, top_val[size_t(k - 1)]); m; m &= m - 1) {
-        const int j = __builtin_ctz(m);
-        offer(s[i + j], id0 + i + j, k);  // re-checks against the threshold, which may have risen
-      }
+    if (filled == 0 && k <= runs * kLanes) {
+      // The first block, with the list empty. Its lane maxima are maxima of disjoint sets of elements, so the
+      // k-th largest of them (`lower`) is at most the block's k-th largest element: an element below `lower`
+      // cannot be kept, and the others are few. Offering only those (ties included) keeps the same top-k as
+      // offering all, without the k ln(len / k) insertions of filling from a cold start.
+      float lanes[kBlock / kSub * kLanes];
+      std::copy(run_max[0], run_max[0] + runs * kLanes, lanes);
+      std::nth_element(lanes, lanes + (k - 1), lanes + runs * kLanes, std::greater<float>());
+      const float lower = lanes[k - 1];
+      for (; i + 16 <= len; i += 16)
+        for (uint32_t m = filled < k ? above_mask16<true>(s + i, lower) : above_mask16(s + i, top_val[size_t(k - 1)]);
+             m; m &= m - 1) {
+          const int b = __builtin_ctz(m);
+          offer(s[i + b], id0 + i + b, k);  // at or above `lower`, as the list is still filling or took more
+        }
+      for (; i < len; ++i)
+        if (s[i] >= lower) offer(s[i], id0 + i, k);
+      return;
     }
-    for (; i < len; ++i) offer(s[i], id0 + i, k);
+    for (; i < len && filled < k; ++i) offer(s[i], id0 + i, k);  // filling: every element enters
+    for (; i < len; i = (i / kSub + 1) * kSub) {                   // the rest of each run
+      const int64_t end = std::min(len, (i / kSub + 1) * kSub);
+      if (!above_mask16(run_max[i / kSub], top_val[size_t(k - 1)])) continue;
+      int64_t j = i;
+      for (; j + 16 <= end; j += 16)
+        for (uint32_t m = above_mask16(s + j, top_val[size_t(k - 1)]); m; m &= m - 1) {
+          const int b = __builtin_ctz(m);
+          offer(s[j + b], id0 + j + b, k);  // re-checks against the threshold, which may have risen
+        }
+      for (; j < end; ++j) offer(s[j], id0 + j, k);
+    }
   }
 };
 
@@ -134,16 +164,47 @@ Partial row_range(const typename Elem<D>::T* row, int64_t v0, int64_t v1, float 
   acc.top_val.assign(size_t(k), 0.f);
   acc.top_id.assign(size_t(k), 0);
   alignas(64) float buf[kBlock];
+  alignas(64) float run_max[kBlock / kSub][kLanes];
   for (int64_t b0 = v0; b0 < v1; b0 += kBlock) {
     const int64_t len = std::min(kBlock, v1 - b0);
+    // Convert and scale into buf, with the block's max. The max skips NaN: a NaN still poisons the sums
+    // below, and so the row.
+    const typename Elem<D>::T* src = row + b0;
+    auto scaled = [=](int64_t i) { return load<D>(src + i) * inv_t; };
     float bmax = kNegInf;
+    if (k == 0) {
 #pragma omp simd reduction(max : bmax)
-    for (int64_t i = 0; i < len; ++i) {
-      const float s = load<D>(row + b0 + i) * inv_t;
-      buf[i] = s;
-      bmax = s > bmax ? s : bmax;  // skips NaN: a NaN still poisons the sums below, and so the row
+      for (int64_t i = 0; i < len; ++i) {
+        buf[i] = scaled(i);
+        bmax = buf[i] > bmax ? buf[i] : bmax;
+      }
+    } else {  // the top-k also wants each run's lane maxima: kLanes maxima in one vector register
+      float block_lanes[kLanes];
+      for (int l = 0; l < kLanes; ++l) block_lanes[l] = kNegInf;
+      for (int64_t c0 = 0; c0 < len; c0 += kSub) {
+        const int64_t end = std::min(len, c0 + kSub);
+        float lanes[kLanes];
+        for (int l = 0; l < kLanes; ++l) lanes[l] = kNegInf;
+        int64_t i = c0;
+        for (; i + kLanes <= end; i += kLanes) {
+#pragma omp simd
+          for (int l = 0; l < kLanes; ++l) {
+            buf[i + l] = scaled(i + l);
+            lanes[l] = buf[i + l] > lanes[l] ? buf[i + l] : lanes[l];
+          }
+        }
+        for (; i < end; ++i) {  // a range's tail: lane 0
+          buf[i] = scaled(i);
+          lanes[0] = buf[i] > lanes[0] ? buf[i] : lanes[0];
+        }
+        for (int l = 0; l < kLanes; ++l) {
+          run_max[c0 / kSub][l] = lanes[l];
+          block_lanes[l] = std::max(block_lanes[l], lanes[l]);
+        }
+      }
+      for (int l = 0; l < kLanes; ++l) bmax = std::max(bmax, block_lanes[l]);
     }
-    if (k) acc.offer_block(buf, len, b0, bmax, k);
+    if (k) acc.offer_block(buf, len, b0, run_max, k);
     if (bmax == kNegInf) {  // an all -inf block adds nothing, unless it hides a NaN (rare path)
       for (int64_t i = 0; i < len; ++i)
         if (buf[i] != buf[i]) acc.sum = acc.shifted = std::numeric_limits<double>::quiet_NaN();
