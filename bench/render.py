@@ -45,8 +45,11 @@ def stats(xs: Sequence[float]) -> Tuple[float, float, float]:
     return statistics.median(xs), q[0], q[2]
 
 
-def paired(num: Row, den: Row, f: Callable[[float, float], float] = lambda a, b: a / b):
-    """Median and IQR of f(num_i, den_i) over the repeats the two contenders ran side by side."""
+def paired(num: Optional[Row], den: Optional[Row], f: Callable[[float, float], float] = lambda a, b: a / b):
+    """Median and IQR of f(num_i, den_i) over the repeats the two contenders ran side by side (None when
+    either is missing)."""
+    if num is None or den is None:
+        return None
     n = min(len(num["samples"]), len(den["samples"]))
     return stats([f(a, b) for a, b in zip(num["samples"][:n], den["samples"][:n])])
 
@@ -79,7 +82,8 @@ class Data:
     """The rows of one run, looked up by case fields."""
 
     def __init__(self, rows: List[Row]):
-        self.rows = rows
+        self.errors = [r for r in rows if r["metric"] == "error"]
+        self.rows = [r for r in rows if r["metric"] != "error"]
         self.run = rows[0]
 
     def find(self, metric: str = "time", **kw) -> Optional[Row]:
@@ -91,7 +95,7 @@ class Data:
     def cases(self, family: str) -> List[Row]:
         """One row per case of the family (its first), in run order."""
         seen, out = set(), []
-        for r in self.rows:
+        for r in self.rows:   # error rows are not in self.rows
             if r["family"] == family and r["case"] not in seen:
                 seen.add(r["case"])
                 out.append(r)
@@ -116,6 +120,14 @@ class Data:
         return sorted({int(r["k"]) for r in self.rows if r["case"] == case and r["contender"] == f"ours[{b}]"})
 
 
+def error_lines(d: Data) -> List[str]:
+    if not d.errors:
+        return []
+    rows = [[r["case"], str(r["message"]).replace("|", "/").replace("\n", " ")[:300]] for r in d.errors]
+    return ["", "## Failed cases", "", "These cases failed (a correctness check or a crash) and were not timed:",
+            ""] + md_table(["case", "error"], rows)
+
+
 def header(d: Data, source: str) -> List[str]:
     r = d.run
     dirty = " (with uncommitted changes)" if r["git_dirty"] else ""
@@ -132,6 +144,8 @@ def header(d: Data, source: str) -> List[str]:
         f"at end {r['load_avg_end']}; other processes used up to {d.max_load():.2f} cores during a case "
         "(last table)",
     ]
+    if r.get("interrupted"):
+        lines += ["", f"**The run was interrupted ({r['interrupted']}): the cases after that are missing.**"]
     if d.max_load() > 0.25:
         lines += ["", f"**Other processes used up to {d.max_load():.2f} CPU cores during a case (see the last "
                   "table): on a small machine a taken core slows torch's multi-threaded ops badly, so read the "
@@ -155,6 +169,8 @@ def cpu_fwd_rows(d: Data, readme: bool) -> List[List[str]]:
     for c in d.cases("token_stats_fwd"):
         case = c["case"]
         read, exp, fwd = d.find(case=case, contender="read"), d.find(case=case, contender="exp bound"), d.ours(case)
+        if read is None or fwd is None:
+            continue
         topk = [ratio(paired(d.ours(case, k), fwd)) for k in d.ks(case) if k]
         bwd_case = bwd.get((tuple(c["shape"]), c["dtype"]))
         fb = ""
@@ -163,13 +179,13 @@ def cpu_fwd_rows(d: Data, readme: bool) -> List[List[str]]:
         row = [shape_str(c["shape"]), c["dtype"], ms(read["median"]), ms(fwd["median"]), ratio(paired(fwd, read)),
                *topk, ratio(paired(fwd, exp)), fb]
         if not readme:
-            row.insert(5 + len(topk), ms(exp["median"]))
+            row.insert(5 + len(topk), ms(exp["median"]) if exp else "")
         rows.append(row)
     return rows
 
 
 def cpu_fwd_head(d: Data, readme: bool) -> List[str]:
-    first = d.cases("token_stats_fwd")[0]["case"]
+    first = d.cases("token_stats_fwd")[0]["case"] if d.cases("token_stats_fwd") else ""
     ks = [k for k in d.ks(first) if k]
     head = ["logits", "dtype", "read ms", "forward ms", "forward / read", *[f"top-{k} / forward" for k in ks]]
     head += ([] if readme else ["exp bound ms"]) + ["forward / exp bound", "fwd+bwd / (read + write)"]
@@ -215,6 +231,8 @@ def readme_contender_table(d: Data) -> List[str]:
             auto = d.auto_backend(case)
             for k in sorted({int(r["k"]) for r in d.rows if r["case"] == case and r["contender"] == "eager"}):
                 ours = d.ours(case, k)
+                if ours is None:
+                    continue
                 cells = []
                 for name in ("ours[torch]", "eager", "torch.compile"):
                     r = d.find(case=case, contender=name, k=k)
@@ -237,6 +255,8 @@ def fv_rows(d: Data) -> List[List[str]]:
         case = c["case"]
         dense = d.find(case=case, contender="dense U@r (authors)")
         ours = d.ours(case)
+        if ours is None or dense is None:
+            continue
         others = [r for r in d.rows if r["case"] == case and r["metric"] == "time" and r["backend"]
                   and r is not ours]
         rows.append([f"B={c['shape'][0]}, T={c['shape'][1]}", f"{ms(ours['median'])} ms",
@@ -246,7 +266,7 @@ def fv_rows(d: Data) -> List[List[str]]:
 
 
 def fv_head(d: Data) -> List[str]:
-    case = d.cases("future_values")[0]["case"]
+    case = d.cases("future_values")[0]["case"] if d.cases("future_values") else ""
     auto = d.auto_backend(case)
     others = [r["backend"] for r in d.rows if r["case"] == case and r["metric"] == "time" and r["backend"]
               and r["backend"] != auto]
@@ -283,9 +303,11 @@ def bf16_bound_line(d: Data) -> List[str]:
         if c["dtype"] != "bf16":
             continue
         case = c["case"]
-        fwd = d.ours(case)
-        parts.append(f"{shape_str(c['shape'])}: {paired(fwd, d.find(case=case, contender='read'))[0]:.2f}x the read, "
-                     f"{paired(fwd, d.find(case=case, contender='exp bound'))[0]:.2f}x the exp bound")
+        fwd, read, exp = d.ours(case), d.find(case=case, contender="read"), d.find(case=case, contender="exp bound")
+        if None in (fwd, read, exp):
+            continue
+        parts.append(f"{shape_str(c['shape'])}: {paired(fwd, read)[0]:.2f}x the read, "
+                     f"{paired(fwd, exp)[0]:.2f}x the exp bound")
     rates = [statistics.median(r["elements"] / (t * 1e-3) for t in r["samples"])
              for r in d.rows if r["contender"] == "exp bound"]
     if not parts:
@@ -296,10 +318,12 @@ def bf16_bound_line(d: Data) -> List[str]:
 
 
 def cpu_report(d: Data, source: str) -> str:
+    fwd_cases = d.cases("token_stats_fwd")
     lines = [f"# appo_kernels CPU benchmarks ({d.run['mode']} sizes)", ""] + header(d, source)
     lines += ["", HOW_TO_READ, "",
               "## token_stats forward against one read of the logits, and what bounds it", "",
-              f"Ours = `ours[{d.auto_backend(d.cases('token_stats_fwd')[0]['case'])}]`, what backend='auto' picks. "
+              f"Ours = `ours[{d.auto_backend(fwd_cases[0]['case']) if fwd_cases else ''}]`, what "
+              "backend='auto' picks. "
               "read: `x.sum()` of the same logits. exp bound: one fp32 `torch.exp` per logit over a cache-resident "
               "block (no memory traffic), timed in the same case. fwd+bwd: the gradient of logp.sum() + "
               "entropy.sum(), against `x.sum()` + `x.clone()` (one read, one read and write of a same-size "
@@ -328,7 +352,7 @@ def cpu_report(d: Data, source: str) -> str:
               "before it (--wait-idle); attempt: the one kept (--retries keeps the least loaded).", ""]
     lines += md_table(["case", "wall s", "other processes, cores", "waited s", "quiet before", "attempt"],
                       load_rows(d))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + error_lines(d)) + "\n"
 
 
 def cpu_readme_block(d: Data) -> str:
@@ -378,6 +402,8 @@ def gpu_trl_line(d: Data) -> List[str]:
     for c in d.cases("token_stats_fwd"):
         if c["shape"] == [8192, 151936] and c["dtype"] == "bf16":
             r = d.ours(c["case"])
+            if r is None:
+                return []
             return [f"At [8192, 151936] bf16 the forward (logp + entropy, no top-k) takes {ms(r['median'])} ms on "
                     f"{d.run['device_name']}, beside the {TRL_H100_MS} ms published for TRL's fused log-prob + "
                     "entropy kernel on an H100 (not measured here)."]
@@ -403,7 +429,7 @@ def gpu_report(d: Data, source: str) -> str:
     lines += ["", "## Load per case", ""]
     lines += md_table(["case", "wall s", "other processes, cores", "waited s", "quiet before", "attempt"],
                       load_rows(d))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + error_lines(d)) + "\n"
 
 
 def gpu_readme_block(d: Optional[Data]) -> str:

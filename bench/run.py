@@ -14,12 +14,14 @@ side by side. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import gc
 import json
-import math
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -44,7 +46,9 @@ except ImportError:  # tqdm is optional: plain progress lines instead
     tqdm = None
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
 
 # ----------------------------------------------------------------------------------------------------------
 # what is measured
@@ -64,6 +68,7 @@ class Config:
     ks: List[int]                           # top-k of ours at every shape
     contender_ks: List[int]                 # top-k of the comparison contenders (eager, torch backend; first shape)
     compile_ks: List[int]                   # top-k of torch.compile (first shape; one compile each)
+    compile_dtypes: List[str]
     fv_b: int                               # future_values vs the dense O(T^2) matrix: B rollouts, lengths fv_ts
     fv_ts: List[int]
     seq_b: int                              # the other sequence ops at B x T
@@ -77,19 +82,20 @@ def make_config(suite: str, device: torch.device, quick: bool, use_compile: bool
     if suite == "cpu":
         if quick:
             return Config(suite, device, quick, use_compile, [(64, 512)], ["fp32", "bf16"], ["fp32"],
-                          [0, 5], [0, 5], [0, 5], 4, [64], 8, 256, 2, 1)
+                          [0, 5], [0, 5], [0, 5], ["fp32", "bf16"], 4, [64], 8, 256, 2, 1)
         # the vocabularies of real models: Llama 2 / Mistral 32000, StarCoder 2 49152, Llama 3 128256,
         # Qwen 2.5 / 3 151936; the rows keep each near the issue-13 shapes ([2048, 32000], [1024, 128256],
         # [512, 151936]) so one case takes a fraction of a second per repeat
         return Config(suite, device, quick, use_compile,
                       [(2048, 32000), (1024, 49152), (1024, 128256), (512, 151936)], ["fp32", "bf16", "fp16"],
-                      ["fp32", "bf16", "fp16"], [0, 5, 16], [0, 5], [0, 5], 16, [1024, 4096, 8192], 64, 8192, 7, 1)
+                      ["fp32", "bf16"], [0, 5, 16], [0, 5], [0, 5], ["fp32", "bf16"], 16, [1024, 4096, 8192], 64,
+                      8192, 5, 1)
     if quick:   # the GPU suite's code paths at tiny sizes (runs on CPU too: the harness's own test)
         return Config(suite, device, quick, use_compile, [(64, 512)], ["bf16"], ["bf16"], [0, 10],
-                      [0, 10], [0], 4, [64], 8, 256, 2, 1, packed=[[256] * 4])
+                      [0, 10], [0], ["bf16"], 4, [64], 8, 256, 2, 1, packed=[[256] * 4])
     return Config(suite, device, quick, use_compile,
                   [(16384, 151936), (8192, 151936), (64, 151936), (16384, 32000), (16384, 49152), (16384, 128256)],
-                  ["bf16", "fp32"], ["bf16", "fp32"], [0, 10], [0, 10], [0], 16, [8192], 64, 8192, 20, 3,
+                  ["bf16", "fp32"], ["bf16", "fp32"], [0, 10], [0, 10], [0], ["bf16"], 16, [8192], 64, 8192, 20, 3,
                   packed=[[8192] * 512, [1 << 22]])
 
 
@@ -122,20 +128,42 @@ def ours_backends(device: torch.device, op: str, dtype: torch.dtype) -> List[str
     return [b for b in ak_backends.PREFERENCE[device.type] if ak_backends.runs(b, op, device, dtype)]
 
 
-EXP_BLOCK = 1 << 20   # 4 MiB of fp32 in, 4 MiB out: cache-resident, large enough that call overhead is small
+EXP_BLOCK = 4096   # floats: 16 KiB, stays in L1
 
 
-def exp_contender(elements: int, device: torch.device) -> Contender:
-    """torch.exp over a cache-resident fp32 block, repeated until `elements` exps are done: what the forward's
-    one exp per logit costs at the machine's exp throughput on torch's threads, with no memory traffic."""
-    block = torch.randn(min(EXP_BLOCK, elements), device=device)
-    out = torch.empty_like(block)
-    iters = max(1, math.ceil(elements / block.numel()))
+def exp_library() -> Optional[ctypes.CDLL]:
+    """bench/exp_bound.cpp built with the native extension's flags (setup.py; -march from
+    APPO_KERNELS_CPU_ARCH, default native) into bench/.build/, rebuilt when a source is newer; None without g++."""
+    src = os.path.join(HERE, "exp_bound.cpp")
+    numerics = os.path.join(ROOT, "csrc", "cpu", "numerics.h")
+    lib = os.path.join(HERE, ".build", "libexp_bound.so")
+    if not os.path.exists(lib) or os.path.getmtime(lib) < max(os.path.getmtime(src), os.path.getmtime(numerics)):
+        arch = os.environ.get("APPO_KERNELS_CPU_ARCH", "native").strip() or "native"
+        os.makedirs(os.path.dirname(lib), exist_ok=True)
+        cmd = ["g++", "-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+               *([] if arch == "none" else [f"-march={arch}"]), "-shared", "-fPIC", "-I", os.path.join(ROOT, "csrc"),
+               src, "-o", lib]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            print(f"exp bound left out (building {src} failed: {getattr(e, 'stderr', e)})", file=sys.stderr)
+            return None
+    dll = ctypes.CDLL(lib)
+    dll.appo_bench_vexp.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    dll.appo_bench_vexp.restype = ctypes.c_double
+    return dll
 
-    def run():
-        for _ in range(iters):
-            torch.exp(block, out=out)
-    return Contender("exp bound", run, "exp", elements=iters * block.numel())
+
+def exp_contender(elements: int) -> Optional[Contender]:
+    """The native kernels' exp (appo::vexp) over an L1-resident block on torch's thread count, `elements` exps:
+    what the forward's one exp per logit costs at the machine's exp throughput, with no memory traffic."""
+    dll = exp_library()
+    if dll is None:
+        return None
+    block = torch.randn(EXP_BLOCK) * 4
+    threads = torch.get_num_threads()
+    return Contender("exp bound", lambda: dll.appo_bench_vexp(block.data_ptr(), EXP_BLOCK, elements, threads),
+                     "exp", elements=elements)
 
 
 def token_fwd_case(cfg: Config, n: int, v: int, dn: str, everyone: bool) -> List[Contender]:
@@ -150,7 +178,7 @@ def token_fwd_case(cfg: Config, n: int, v: int, dn: str, everyone: bool) -> List
         y = torch.empty_like(x)
         out.append(Contender("copy", lambda: y.copy_(x), "copy"))
     else:
-        out.append(exp_contender(n * v, dev))
+        out += [c for c in [exp_contender(n * v)] if c is not None]
     ks = sorted(set(cfg.ks) | (set(cfg.contender_ks) if everyone else set()))
     # one eager pass for every k: torch.topk's sorted top-k of the largest k holds the smaller ones
     lp = torch.log_softmax(x.float(), -1)
@@ -167,7 +195,7 @@ def token_fwd_case(cfg: Config, n: int, v: int, dn: str, everyone: bool) -> List
         return out
     for k in cfg.contender_ks:
         out.append(Contender("eager", lambda k=k: eager_token_stats(x, tok, k), "token_stats_fwd", k=k))
-    if cfg.compile:
+    if cfg.compile and dn in cfg.compile_dtypes:
         for k in cfg.compile_ks:
             torch._dynamo.reset()
             comp = compile_fn(eager_token_stats)
@@ -176,8 +204,11 @@ def token_fwd_case(cfg: Config, n: int, v: int, dn: str, everyone: bool) -> List
     liger = liger_logp(dev)
     if liger is not None:
         xl = x.clone()   # Liger's cross entropy may write its gradient over its input: its own copy
-        torch.testing.assert_close(liger(xl, tok).float(), eager_token_stats(x, tok)[0], atol=2e-3, rtol=2e-3)
-        out.append(Contender("liger (logp only)", lambda: liger(xl, tok), "cross_entropy"))
+        try:
+            torch.testing.assert_close(liger(xl, tok).float(), eager_token_stats(x, tok)[0], atol=2e-3, rtol=2e-3)
+            out.append(Contender("liger (logp only)", lambda: liger(xl, tok), "cross_entropy"))
+        except Exception as e:  # noqa: BLE001 - a contender, not ours: say so and time the others
+            print(f"liger left out of {label}: {type(e).__name__}: {e}", file=sys.stderr)
     if cfg.suite == "gpu":
         out += branching_score_contenders(cfg, x, tok, label)
     return out
@@ -227,6 +258,7 @@ def token_fwd_bwd_case(cfg: Config, n: int, v: int, dn: str, everyone: bool) -> 
     if cfg.suite == "gpu":
         y = torch.empty_like(x0.detach())
         out.append(Contender("copy", lambda: y.copy_(x.detach()), "copy"))
+    xi = x.detach().clone().requires_grad_(True) if cfg.suite == "gpu" else None   # in-place: overwritten
     for i, b in enumerate(ours_backends(dev, "token_stats", DTYPES[dn])):
         if i and not (everyone or cfg.suite == "gpu"):
             break
@@ -234,15 +266,16 @@ def token_fwd_bwd_case(cfg: Config, n: int, v: int, dn: str, everyone: bool) -> 
         check_grad(fwd_bwd(stats, x, tok), ref, f"{label} ours[{b}]")
         out.append(Contender(f"ours[{b}]", lambda stats=stats: fwd_bwd(stats, x, tok), "token_stats_fwd_bwd",
                              backend=b))
-        if cfg.suite == "gpu":   # the gradient written over the logits: its own copy, overwritten every call
-            xi = x.detach().clone().requires_grad_(True)
+        if xi is not None:   # the gradient written over the logits: their own copy, overwritten by every call
+            with torch.no_grad():
+                xi.copy_(x)
             check_grad(inplace_fwd_bwd(xi, tok, b), ref, f"{label} ours[{b}] inplace_backward")
             out.append(Contender(f"ours[{b}] inplace_backward", lambda xi=xi, b=b: inplace_fwd_bwd(xi, tok, b),
                                  "token_stats_fwd_bwd", backend=b))
     if not everyone:
         return out
     out.append(Contender("eager", lambda: fwd_bwd(eager_token_stats, x, tok), "token_stats_fwd_bwd"))
-    if cfg.compile:
+    if cfg.compile and dn in cfg.compile_dtypes:
         torch._dynamo.reset()
         comp = compile_fn(eager_token_stats)
         check_grad(fwd_bwd(comp, x, tok), ref, f"{label} compiled")
@@ -436,10 +469,14 @@ class Progress:
     def run_case(self, case: Case, device: torch.device, warmup: int, repeats: int, retries: int,
                  threshold: float = 0.25) -> Tuple[List[Contender], Dict[str, List[float]], Dict[str, object]]:
         """Build and time `case`, again up to `retries` times while other processes used more than `threshold`
-        cores during it; returns the attempt with the least other load: (contenders, times, load info)."""
+        cores during it and the machine was quiet again before the retry (re-running on a machine that stays
+        busy would only take longer); returns the attempt with the least other load: (contenders, times,
+        load info)."""
         best = None
         for attempt in range(retries + 1):
             waited, quiet = self._wait(self.done == 0 and attempt == 0) if self.wait_left > 0 else (0.0, False)
+            if attempt and not quiet:
+                break
             if self.bar is not None:
                 self.bar.set_description(case.label)
             self._say(f"[{self.done + 1}/{self.total}] {case.label}" + (f" (attempt {attempt + 1})" if attempt else ""))
@@ -460,7 +497,7 @@ class Progress:
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)
-        best[2]["attempts"] = attempt + 1
+        best[2]["attempts"] = attempt + (0 if attempt and not quiet else 1)
         return best
 
     def close(self) -> None:
@@ -489,6 +526,31 @@ def case_rows(case: Case, contenders: List[Contender], times: Dict[str, List[flo
     return rows
 
 
+def measure_cases(todo: List[Case], prog: Progress, cfg: Config, retries: int, rows: List[Dict[str, object]],
+                  failed: List[str]) -> None:
+    """Run the cases in order, appending their rows (or an error row) to `rows`."""
+    for case in todo:
+        try:
+            contenders, times, info = prog.run_case(case, cfg.device, cfg.warmup, cfg.repeats, retries)
+            rows += case_rows(case, contenders, times, info, cfg.device)
+        except Exception as e:  # noqa: BLE001 - a failed check or a crash: recorded, the other cases still run
+            failed.append(case.label)
+            print(f"FAILED {case.label}: {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append({"case": case.label, "family": case.family, "shape": case.shape, "dtype": case.dtype,
+                         "metric": "error", "message": f"{type(e).__name__}: {e}"[:2000]})
+        contenders = times = None   # the case's inputs go with them (reference counting; no cycles hold them)
+        if cfg.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class Interrupted(BaseException):
+    """SIGTERM (e.g. from `timeout`): stop after writing the rows measured so far."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -496,7 +558,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--suite", choices=("cpu", "gpu"), default=None,
                     help="which cases (default: gpu on cuda, cpu on cpu; --suite gpu --device cpu --quick checks "
                          "the GPU suite's code on a CPU)")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes and 3 repeats: a smoke check in seconds")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and 2 repeats: a smoke check in seconds")
     ap.add_argument("--data", default=None,
                     help="the JSON-lines file to write (default: bench/results/SUITE.jsonl; quick: "
                          "bench/results/quick-SUITE.jsonl, not committed)")
@@ -505,8 +567,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="total time to spend waiting for other processes to leave the CPUs idle: up to all of it "
                          "before the first case, up to 30 s of what is left before each later one")
     ap.add_argument("--retries", type=int, default=0, metavar="N",
-                    help="re-run a case up to N more times while other processes used > 0.25 cores during it; "
-                         "the attempt with the least other load is kept")
+                    help="re-run a case up to N more times while other processes used > 0.25 cores during it, "
+                         "each time the machine is quiet again within the --wait-idle budget; the attempt with the "
+                         "least other load is kept")
     ap.add_argument("-k", dest="only", default="", help="run only the cases whose label contains this")
     args = ap.parse_args(argv)
 
@@ -528,12 +591,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     todo = [c for c in cases(cfg) if args.only in c.label]
     prog = Progress(len(todo), args.wait_idle)
     rows: List[Dict[str, object]] = []
-    for case in todo:
-        contenders, times, info = prog.run_case(case, device, cfg.warmup, cfg.repeats, args.retries)
-        rows += case_rows(case, contenders, times, info, device)
-        del contenders, times   # the case's inputs go with them (reference counting; no cycles hold them)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    failed: List[str] = []
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        measure_cases(todo, prog, cfg, args.retries, rows, failed)
+    except (Interrupted, KeyboardInterrupt) as e:
+        run_info["interrupted"] = f"{type(e).__name__} {e} after {prog.done} of {len(todo)} cases"
+        print(f"interrupted: writing the {len(rows)} rows measured so far", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     prog.close()
     run_info.update(load_avg_end=load_average(), run_wall_s=round(time.perf_counter() - t_start, 1))
     os.makedirs(os.path.dirname(os.path.abspath(data)), exist_ok=True)
@@ -542,7 +608,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f.write(json.dumps({**run_info, **row}) + "\n")
     print(f"{len(rows)} rows written to {data} in {run_info['run_wall_s']:.0f} s; "
           f"render with: python bench/render.py", file=sys.stderr)
-    return 0
+    if failed:
+        print(f"{len(failed)} cases FAILED (error rows in the data): {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed or "interrupted" in run_info else 0
 
 
 if __name__ == "__main__":
