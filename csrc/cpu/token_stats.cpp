@@ -170,39 +170,24 @@ Partial row_range(const typename Elem<D>::T* row, int64_t v0, int64_t v1, float 
     // Convert and scale into buf, with the block's max. The max skips NaN: a NaN still poisons the sums
     // below, and so the row.
     const typename Elem<D>::T* src = row + b0;
-    auto scaled = [=](int64_t i) { return load<D>(src + i) * inv_t; };
     float bmax = kNegInf;
-    if (k == 0) {
 #pragma omp simd reduction(max : bmax)
-      for (int64_t i = 0; i < len; ++i) {
-        buf[i] = scaled(i);
-        bmax = buf[i] > bmax ? buf[i] : bmax;
-      }
-    } else {  // the top-k also wants each run's lane maxima: kLanes maxima in one vector register
-      float block_lanes[kLanes];
-      for (int l = 0; l < kLanes; ++l) block_lanes[l] = kNegInf;
+    for (int64_t i = 0; i < len; ++i) {
+      buf[i] = load<D>(src + i) * inv_t;
+      bmax = buf[i] > bmax ? buf[i] : bmax;
+    }
+    if (k) {  // the top-k also wants each run's lane maxima: kLanes maxima that GCC holds in one vector register
       for (int64_t c0 = 0; c0 < len; c0 += kSub) {
         const int64_t end = std::min(len, c0 + kSub);
-        float lanes[kLanes];
+        float* lanes = run_max[c0 / kSub];
         for (int l = 0; l < kLanes; ++l) lanes[l] = kNegInf;
         int64_t i = c0;
         for (; i + kLanes <= end; i += kLanes) {
 #pragma omp simd
-          for (int l = 0; l < kLanes; ++l) {
-            buf[i + l] = scaled(i + l);
-            lanes[l] = buf[i + l] > lanes[l] ? buf[i + l] : lanes[l];
-          }
+          for (int l = 0; l < kLanes; ++l) lanes[l] = buf[i + l] > lanes[l] ? buf[i + l] : lanes[l];
         }
-        for (; i < end; ++i) {  // a range's tail: lane 0
-          buf[i] = scaled(i);
-          lanes[0] = buf[i] > lanes[0] ? buf[i] : lanes[0];
-        }
-        for (int l = 0; l < kLanes; ++l) {
-          run_max[c0 / kSub][l] = lanes[l];
-          block_lanes[l] = std::max(block_lanes[l], lanes[l]);
-        }
+        for (; i < end; ++i) lanes[0] = buf[i] > lanes[0] ? buf[i] : lanes[0];  // a range's tail: lane 0
       }
-      for (int l = 0; l < kLanes; ++l) bmax = std::max(bmax, block_lanes[l]);
     }
     if (k) acc.offer_block(buf, len, b0, run_max, k);
     if (bmax == kNegInf) {  // an all -inf block adds nothing, unless it hides a NaN (rare path)
