@@ -93,13 +93,34 @@ struct Partial {
     top_id[size_t(pos)] = id;
   }
 
+  // Offer, in id order, the elements of s[i, end) (within one run) above thr (at or above it with kOrEqual):
+  // the run's groups of 16 are compared first, one vector compare each and no branch, then only the groups
+  // holding such an element are visited. offer() re-checks against the k-th value, which may have risen.
+  template <bool kOrEqual>
+  void offer_run(const float* s, int64_t i, int64_t end, int64_t id0, float thr, int k) {
+    const int64_t groups = (end - i) / 16;
+    uint16_t masks[kSub / 16];
+    uint32_t hit = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      masks[g] = uint16_t(above_mask16<kOrEqual>(s + i + 16 * g, thr));
+      hit |= uint32_t(masks[g] != 0) << g;
+    }
+    for (; hit; hit &= hit - 1) {
+      const int g = __builtin_ctz(hit);
+      for (uint32_t m = masks[g]; m; m &= m - 1) {
+        const int64_t j = i + 16 * g + __builtin_ctz(m);
+        offer(s[j], id0 + j, k);
+      }
+    }
+    for (int64_t j = i + 16 * groups; j < end; ++j)
+      if (kOrEqual ? s[j] >= thr : s[j] > thr) offer(s[j], id0 + j, k);
+  }
+
   // Offer the scaled logits s[0, len) of vocabulary ids id0 + [0, len); run_max[c] holds the lane maxima of
   // the c-th run of kSub (a lane with no element holds -inf). The threshold (the k-th kept value) only rises,
-  // so a run none of whose lanes beats it is skipped whole, and in the others each group of 16 costs one
-  // vector compare; only the elements above the threshold are offered.
+  // so a run none of whose lanes beats it is skipped whole.
   void offer_block(const float* s, int64_t len, int64_t id0, const float (*run_max)[kLanes], int k) {
     const int64_t runs = (len + kSub - 1) / kSub;
-    int64_t i = 0;
     if (filled == 0 && k <= runs * kLanes) {
       // The first block, with the list empty. Its lane maxima are maxima of disjoint sets of elements, so the
       // k-th largest of them (`lower`) is at most the block's k-th largest element: an element below `lower`
@@ -109,28 +130,15 @@ struct Partial {
       std::copy(run_max[0], run_max[0] + runs * kLanes, lanes);
       std::nth_element(lanes, lanes + (k - 1), lanes + runs * kLanes, std::greater<float>());
       const float lower = lanes[k - 1];
-      for (; i + 16 <= len; i += 16)
-        for (uint32_t m = filled < k ? above_mask16<true>(s + i, lower) : above_mask16(s + i, top_val[size_t(k - 1)]);
-             m; m &= m - 1) {
-          const int b = __builtin_ctz(m);
-          offer(s[i + b], id0 + i + b, k);  // at or above `lower`, as the list is still filling or took more
-        }
-      for (; i < len; ++i)
-        if (s[i] >= lower) offer(s[i], id0 + i, k);
+      for (int64_t c = 0; c < runs; ++c)
+        if (above_mask16<true>(run_max[c], lower)) offer_run<true>(s, c * kSub, std::min(len, (c + 1) * kSub), id0, lower, k);
       return;
     }
+    int64_t i = 0;
     for (; i < len && filled < k; ++i) offer(s[i], id0 + i, k);  // filling: every element enters
-    for (; i < len; i = (i / kSub + 1) * kSub) {                   // the rest of each run
-      const int64_t end = std::min(len, (i / kSub + 1) * kSub);
-      if (!above_mask16(run_max[i / kSub], top_val[size_t(k - 1)])) continue;
-      int64_t j = i;
-      for (; j + 16 <= end; j += 16)
-        for (uint32_t m = above_mask16(s + j, top_val[size_t(k - 1)]); m; m &= m - 1) {
-          const int b = __builtin_ctz(m);
-          offer(s[j + b], id0 + j + b, k);  // re-checks against the threshold, which may have risen
-        }
-      for (; j < end; ++j) offer(s[j], id0 + j, k);
-    }
+    for (; i < len; i = (i / kSub + 1) * kSub)                     // the rest of each run
+      if (above_mask16(run_max[i / kSub], top_val[size_t(k - 1)]))
+        offer_run<false>(s, i, std::min(len, (i / kSub + 1) * kSub), id0, top_val[size_t(k - 1)], k);
   }
 };
 
