@@ -233,3 +233,27 @@ def test_device_choice(tiny_folder, tmp_path):
             resolve_device("cuda")
         with pytest.raises(SystemExit, match="^appo-train: --device: cuda asked for"):
             main(["--model", str(tiny_folder), "--device", "cuda", "--out", str(tmp_path / "run"), "--no-progress"])
+
+
+def test_data_parallel_on_gloo_with_a_model_folder(tiny_folder, tmp_path):
+    # The CPU path of data-parallel training with --model: 2 ranks under torchrun (gloo) give the single process's
+    # first step (its discrete metrics; the update's float sums may differ in the last bits).
+    import os
+    import subprocess
+    import sys
+    args = ["--model", str(tiny_folder), "--device", "cpu", "--algo", "appo", "--prompts-per-step", "2",
+            "--rollouts-per-prompt", "4", "--minibatch-prompts", "1", "--max-new-tokens", "12", "--eval-prompts", "2",
+            "--eval-every", "1", "--max-steps", "1", "--no-progress"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (("one", [sys.executable, "-m", "appo_train"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node", "2", "-m", "appo_train"])):
+        out = subprocess.run([*launcher, *args, "--out", str(tmp_path / name)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600, check=False)
+        assert out.returncode == 0, out.stderr[-4000:]
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    one, two = runs["one"][-1], runs["two"][-1]
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    for key in ("gen_tokens", "reward", "success", "tool_calls", "format", "branches", "eval_reward"):
+        assert one[key] == pytest.approx(two[key]), key

@@ -288,6 +288,9 @@ def train_parser() -> argparse.ArgumentParser:
                    help="generated tokens per response (default the task's: 64 easy, 96 hard, 128 arith)")
     p.add_argument("--eval-prompts", dest="eval_prompts", type=int,
                    help=f"held-out prompts per evaluation ({_default('eval_prompts')})")
+    p.add_argument("--temperature", type=float,
+                   help=f"sampling temperature of rollouts and evaluations, also the scores' "
+                        f"({_default('temperature')})")
     _add_common(p)
     return p
 
