@@ -31,9 +31,10 @@ template <> struct Elem<2> { using T = _Float16; static float load(const T* p) {
 // Branch-free so that loops vectorise; results below FLT_MIN flush to 0 (so exp(-inf) == 0 exactly),
 // NaN propagates.
 inline float vexp(float x) {
-  const float xc = x > 88.3762626647949f ? 88.3762626647949f : x;
-  // Round to nearest by the 1.5 * 2^23 trick: plain adds that vectorise without fast-math.
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float xc = 88.3762626647949f < x ? 88.3762626647949f : x;  // NaN stays NaN
+  // Round to nearest by the 1.5 * 2^23 trick; t's low mantissa bits hold n, so 2^n is (bits(t) << 23) + bias.
+  const float t = __builtin_fmaf(xc, 1.44269504088896341f, 12582912.0f);
+  const float n = t - 12582912.0f;
   float r = __builtin_fmaf(n, -0.693359375f, xc);
   r = __builtin_fmaf(n, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
@@ -43,8 +44,7 @@ inline float vexp(float x) {
   p = __builtin_fmaf(p, r, 1.6666665459e-1f);
   p = __builtin_fmaf(p, r, 5.0000001201e-1f);
   const float y = __builtin_fmaf(p, r * r, r) + 1.0f;
-  const int32_t e = int32_t(n > -126.0f ? n : -126.0f) + 127;
-  const float scaled = y * bits_to_float(uint32_t(e) << 23);
+  const float scaled = y * bits_to_float((float_to_bits(t) << 23) + (127u << 23));  // n in [-126, 128] here
   return xc < -87.33654475f ? 0.0f : scaled;
 }
 
