@@ -8,6 +8,8 @@ appo_kernels. Run `appo-train --help`; the modules, one concern each:
     policy      model + KV-cache generation      algorithms  rollouts and advantages per algorithm
     trainer     warm start, RL loop, checkpoints report      plots and the HTML report
     cli         the `appo-train` command
+    hf_policy   `--model`: a Hugging Face causal LM and its chat template behind the tokenizer's tool protocol
+    chat_tasks  `--model`'s task: word problems with a calculator and a lookup, and their reward
 """
 from .trainer import TrainConfig, Trainer
 
