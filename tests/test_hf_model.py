@@ -257,3 +257,20 @@ def test_data_parallel_on_gloo_with_a_model_folder(tiny_folder, tmp_path):
     assert (one["ranks"], two["ranks"]) == (1, 2)
     for key in ("gen_tokens", "reward", "success", "tool_calls", "format", "branches", "eval_reward"):
         assert one[key] == pytest.approx(two[key]), key
+
+
+def test_a_gguf_path_and_a_template_without_a_tool_role(tiny_folder, tmp_path):
+    gguf = tmp_path / "m.Q4_1.gguf"
+    gguf.write_bytes(b"")
+    assert resolve(str(gguf)) == (tmp_path, "m.Q4_1.gguf")
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(tiny_folder)
+    hf.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}"
+                        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+    tok = ChatTokenizer(hf)
+    assert (tok.tool_head, tok.tool_tail) == ("\n<result>", "</result>\n")           # a marked segment instead
+    task = ChatTask("q", "9591")
+    ids = tok.encode("x <calc>417*23</calc>")
+    assert tok.call_ended(ids, [GEN] * len(ids))
+    assert tok.decode(tok.tool_result(ids, [GEN] * len(ids), task, True)) == "\n<result>9591</result>\n"
+    assert tok.decode(tok.tool_result(ids, [GEN] * len(ids), task, False)).startswith("\n<result>error: tool budget")
