@@ -61,6 +61,15 @@ def _reverse_scan_kernel(x_ptr, cu_ptr, gamma_ptr, out_ptr, N, BLOCK: tl.constex
 
 
 @triton.jit
+def _eligible_tile(x_ptr, elig_ptr, offs, end):
+    """The tile `offs` of a segment ending at `end`: (inside, eligible, x in float64); 0 outside."""
+    inside = offs < end
+    e = tl.load(elig_ptr + offs, mask=inside, other=0) != 0
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+    return inside, e, x
+
+
+@triton.jit
 def _segment_moments(x_ptr, elig_ptr, start, end, idx, BLOCK: tl.constexpr):
     """(mean, population std) in float64 of x over the eligible positions of [start, end)."""
     total = tl.zeros((BLOCK,), dtype=tl.float64)
@@ -71,9 +80,7 @@ def _segment_moments(x_ptr, elig_ptr, start, end, idx, BLOCK: tl.constexpr):
     while s < end:
         offs = s + idx
         s += BLOCK
-        inside = offs < end
-        e = tl.load(elig_ptr + offs, mask=inside, other=0) != 0
-        x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+        _, e, x = _eligible_tile(x_ptr, elig_ptr, offs, end)
         total += tl.where(e, x, 0.0)
         count += tl.where(e, 1.0, 0.0)
         lo = tl.minimum(lo, tl.where(e, x, float("inf")))
@@ -90,9 +97,7 @@ def _segment_moments(x_ptr, elig_ptr, start, end, idx, BLOCK: tl.constexpr):
     while s < end:
         offs = s + idx
         s += BLOCK
-        inside = offs < end
-        e = tl.load(elig_ptr + offs, mask=inside, other=0) != 0
-        x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+        _, e, x = _eligible_tile(x_ptr, elig_ptr, offs, end)
         d = tl.where(e, x - mean, 0.0)
         sq += d * d
     std = tl.sqrt(tl.sum(sq, axis=0) / n)
@@ -117,9 +122,7 @@ def _branching_score_kernel(h_ptr, o_ptr, elig_ptr, cu_ptr, score_ptr, cand_ptr,
     while s < end:
         offs = s + idx
         s += BLOCK
-        inside = offs < end
-        e = tl.load(elig_ptr + offs, mask=inside, other=0) != 0
-        h = tl.load(h_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+        inside, e, h = _eligible_tile(h_ptr, elig_ptr, offs, end)
         z_h = (h - mean_h) / denom_h
         if HAS_OMEGA:
             o = tl.load(o_ptr + offs, mask=inside, other=0.0).to(tl.float64)
