@@ -470,12 +470,12 @@ def render_all(results: Path = RESULTS, readme: Path = README) -> Dict[Path, str
     out: Dict[Path, str] = {}
     text = readme.read_text()
     cpu = results / "cpu.jsonl"
-    if cpu.exists():
+    if cpu.exists() and cpu.stat().st_size:
         d = Data(load(cpu))
         out[results / "cpu.md"] = cpu_report(d, "bench/results/cpu.jsonl")
         text = replace_block(text, "cpu", cpu_readme_block(d))
     gpu = results / "gpu.jsonl"
-    g = Data(load(gpu)) if gpu.exists() else None
+    g = Data(load(gpu)) if gpu.exists() and gpu.stat().st_size else None
     if g is not None:
         out[results / "gpu.md"] = gpu_report(g, "bench/results/gpu.jsonl")
     out[readme] = replace_block(text, "gpu", gpu_readme_block(g))
