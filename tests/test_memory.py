@@ -81,9 +81,9 @@ print("GROWTH", growth)
 
 def skip_interpreted(backend):
     # Under TRITON_INTERPRET=1 the kernels run as numpy on the CPU: the resident set measures the interpreter,
-    # not the compiled kernel (whose peak memory bench/gpu_bench.py measures on a GPU).
+    # not the compiled kernel (whose peak memory bench/run.py measures on a GPU).
     if backend == "triton":
-        pytest.skip("the Triton interpreter's memory is not the kernel's; measured on GPU by bench/gpu_bench.py")
+        pytest.skip("the Triton interpreter's memory is not the kernel's; measured on GPU by bench/run.py")
 
 
 def measure(mode, backend="torch"):
