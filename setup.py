@@ -107,6 +107,7 @@ def _extensions():
     exts = [Extension(
         "appo_kernels._C",
         sources=["csrc/bindings_cpu.cpp", "csrc/cpu/token_stats.cpp", "csrc/cpu/sequence.cpp"],
+        depends=sorted(glob.glob("csrc/cpu/*.h")),   # so that an edited header rebuilds in place
         include_dirs=[pybind11.get_include(), "csrc"],
         language="c++",
         extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
