@@ -314,6 +314,7 @@ def train(argv: list[str]) -> int:
         model = f"-{Path(cfg.model.rstrip('/')).stem}" if cfg.model else ""
         cfg.out_dir = f"runs/{cfg.algo}{model}{'-smoke' if args.smoke else ''}"
     t0 = time.perf_counter()
+    resuming = (Path(cfg.out_dir) / "checkpoint.pt").exists()
     with _distributed(cfg.device) as rank:
         if rank == 0:
             print(_backend_line(cfg.backend), flush=True)
@@ -332,7 +333,7 @@ def train(argv: list[str]) -> int:
     paths = _run_report(out, summary)
     print()
     print(_table([summary], list(summary)))
-    if trainer.step > resumed_at:
+    if trainer.step > resumed_at or not resuming:   # a first run with --max-steps 0 trains no RL step either
         print(f"\nthis invocation: {trainer.step - resumed_at} RL steps, {(time.perf_counter() - t0) / 60:.2f} "
               f"minutes with the warm start and the evaluations")
     else:
