@@ -1,7 +1,7 @@
 """Contenders, inputs, timing and checks shared by the harness (bench/run.py) and the pytest-benchmark files.
 
 Contenders:
-- ours      `appo_kernels` public API, one per backend in `ak.available_backends()`.
+- ours      `appo_kernels` public API, one per backend in `timed_backends()`.
 - eager     plain torch as a user would write it (log_softmax -> gather, -(p * logp).sum, torch.topk).
 - compiled  `torch.compile` of that same eager function (compiled once, outside any timing).
 - read      `x.sum()` of the same tensor: the cost of reading the logits once (the memory floor).
@@ -24,6 +24,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import appo_kernels as ak
+
+def timed_backends() -> List[str]:
+    """The available backends worth timing: the Triton interpreter (TRITON_INTERPRET=1, how the tests run Triton
+    on a CPU) is a test tool whose times mean nothing, and tests/ checks its results against the oracle."""
+    from appo_kernels.backends.triton_kernels import interpreting
+    return [b for b in ak.available_backends() if not (b == "triton" and interpreting())]
+
 
 # ----------------------------------------------------------------------------------------------------------
 # machine / versions
