@@ -13,7 +13,6 @@ step. Run them with
 """
 import json
 import random
-import string
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from appo_train.chat_tasks import ChatTask, calculate, digit_f1, make_task, scor
 from appo_train.hf_policy import ChatTokenizer, ModelUnavailable, load_policy, resolve
 from appo_train.policy import GEN, PROMPT, TOOL, generate, pad_batch, start_rollout
 from appo_train.trainer import TrainConfig, Trainer
+from helpers import char_chat_tokenizer
 
 # SmolLM2-135M-Instruct's chat template (the GGUF file's), so the fast tests see the real tool turn
 SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -41,16 +41,11 @@ TOOL_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
 def tiny_folder(tmp_path_factory):
     """A plain model folder: a 2-layer Llama from a config (random weights) and a character tokenizer with
     SmolLM2's chat template, both saved with save_pretrained."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
     folder = tmp_path_factory.mktemp("tiny_llama")
-    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    for c in sorted(set(string.printable) - set("\t\r\x0b\x0c")):
-        vocab[c] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>", additional_special_tokens=["<|endoftext|>"])
+    tok = char_chat_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos_token="<|im_start|>",
+                              eos_token="<|im_end|>", pad_token="<|im_end|>",
+                              additional_special_tokens=["<|endoftext|>"])
     tok.chat_template = SMOL_TEMPLATE
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,

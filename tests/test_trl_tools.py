@@ -2,7 +2,6 @@
 branches, so forks land inside later turns. A tiny Qwen2 with Qwen2.5's chat template (which TRL recognises and
 parses tool calls with) is first fitted to transcripts that call a calculator twice and then answer."""
 import random
-import string
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 import oracle  # noqa: E402
+from helpers import char_chat_tokenizer  # noqa: E402
 from test_trl import Recorder, _rows, check_losses, check_topk_forks, without_substituted  # noqa: E402
 from appo_kernels.integrations.trl import APPOConfig, APPOTrainer, _Rollout  # noqa: E402
 
@@ -44,16 +44,10 @@ def tool_model(tmp_path_factory):
     text (as a real BPE vocabulary has it in a few), and a 2-layer Qwen2 fitted for 300 steps to 8 transcripts.
     The tokenizer is passed to the trainer as `processing_class` (reloaded from the directory, transformers
     would rebuild it as a Qwen2Tokenizer, whose byte-level pre-tokenizer this vocabulary does not cover)."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl.chat_template_utils import qwen2_5_chat_template
-    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "<|im_start|>": 2}
-    for c in sorted(set(string.printable) - set("\t\r\x0b\x0c")):
-        vocab[c] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                  additional_special_tokens=["<|im_start|>"])
+    tok = char_chat_tokenizer(["<|endoftext|>", "<|im_end|>", "<|im_start|>"], pad_token="<|endoftext|>",
+                              eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
     tok.chat_template = qwen2_5_chat_template
     rendered = tok.apply_chat_template([{"role": "user", "content": "?"}], tools=[add], add_generation_prompt=True,
                                        tokenize=False)
