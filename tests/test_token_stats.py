@@ -237,7 +237,31 @@ def test_native_running_topk_blocks_groups_and_splits(gen, dtype, k, mode):
         assert whole.topk_ids[6].tolist() == [V - 20, V - 1, V - 37] + list(range(k - 3))
 
 
-@pytest.mark.parametrize("k", [3, 16])
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+def test_native_statistics_do_not_depend_on_topk(gen, dtype):
+    """fp32 without top-k takes a path of its own (no converted copy of the block); logp, entropy and lse are
+    the same bits with and without top-k, on long rows split across threads, and match the oracle (at a
+    temperature other than 1, which the path applies to the block's max)."""
+    if "native" not in ak.available_backends():
+        pytest.skip("the native extension is not built")
+    V = _SPLIT_V
+    logits = _native_topk_rows(gen, V).to(dtype)
+    tokens = make_tokens(gen, logits.shape[0], V)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rows in (slice(None), slice(3, 4)):                  # all rows; one row, split across the threads
+            plain = ak.token_stats(logits[rows], tokens[rows], temperature=0.7, backend="native")
+            check_against_oracle(plain, logits[rows], tokens[rows], temperature=0.7)
+            for k in (1, 16):
+                with_topk = ak.token_stats(logits[rows], tokens[rows], topk=k, temperature=0.7, backend="native")
+                for name in ("logp", "entropy", "lse"):
+                    assert torch.equal(getattr(plain, name), getattr(with_topk, name)), (name, k)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("k", [0, 3, 16])
 def test_native_undefined_rows_in_long_rows(gen, k):
     """A NaN after the list is full (it never beats the threshold) and an all -inf row still give NaN
     statistics in that row only, also when the row is split across threads."""
