@@ -239,9 +239,10 @@ def test_native_running_topk_blocks_groups_and_splits(gen, dtype, k, mode):
 
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
 def test_native_statistics_do_not_depend_on_topk(gen, dtype):
-    """fp32 without top-k takes a path of its own (no converted copy of the block); logp, entropy and lse are
-    the same bits with and without top-k, on long rows split across threads, and match the oracle (at a
-    temperature other than 1, which the path applies to the block's max)."""
+    """fp32 reads its logits where the 16-bit types read a converted copy of the block (the max, the top-k
+    scan, the exp pass); logp, entropy and lse are the same bits with and without top-k, on long rows split
+    across threads, and every output matches the oracle, at a temperature other than 1 (which those paths
+    apply themselves)."""
     if "native" not in ak.available_backends():
         pytest.skip("the native extension is not built")
     V = _SPLIT_V
@@ -255,6 +256,7 @@ def test_native_statistics_do_not_depend_on_topk(gen, dtype):
             check_against_oracle(plain, logits[rows], tokens[rows], temperature=0.7)
             for k in (1, 16):
                 with_topk = ak.token_stats(logits[rows], tokens[rows], topk=k, temperature=0.7, backend="native")
+                check_against_oracle(with_topk, logits[rows], tokens[rows], topk=k, temperature=0.7)
                 for name in ("logp", "entropy", "lse"):
                     assert torch.equal(getattr(plain, name), getattr(with_topk, name)), (name, k)
     finally:

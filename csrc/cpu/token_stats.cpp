@@ -43,20 +43,21 @@ inline float load(const typename Elem<D>::T* p) {
   else return Elem<D>::load(p);
 }
 
-// Bit j set where p[j] > thr (p[j] >= thr with kOrEqual), for j < 16; never for NaN. One vector compare
-// where the target has one.
+// Bit j set where p[j] * scale > thr (>= thr with kOrEqual), for j < 16; never for NaN. One vector multiply
+// and compare where the target has them (times 1 is exact).
 template <bool kOrEqual = false>
-inline uint32_t above_mask16(const float* p, float thr) {
+inline uint32_t above_mask16(const float* p, float thr, float scale = 1.f) {
 #if defined(__AVX512F__)
-  return uint32_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(thr), kOrEqual ? _CMP_GE_OQ : _CMP_GT_OQ));
+  return uint32_t(_mm512_cmp_ps_mask(_mm512_mul_ps(_mm512_loadu_ps(p), _mm512_set1_ps(scale)), _mm512_set1_ps(thr),
+                                     kOrEqual ? _CMP_GE_OQ : _CMP_GT_OQ));
 #elif defined(__AVX__)
-  const __m256 t = _mm256_set1_ps(thr);
+  const __m256 t = _mm256_set1_ps(thr), c = _mm256_set1_ps(scale);
   constexpr int op = kOrEqual ? _CMP_GE_OQ : _CMP_GT_OQ;
-  return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), t, op))) |
-         uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), t, op))) << 8;
+  return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(_mm256_loadu_ps(p), c), t, op))) |
+         uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(_mm256_loadu_ps(p + 8), c), t, op))) << 8;
 #else
   uint32_t m = 0;
-  for (int j = 0; j < 16; ++j) m |= uint32_t(kOrEqual ? p[j] >= thr : p[j] > thr) << j;
+  for (int j = 0; j < 16; ++j) m |= uint32_t(kOrEqual ? p[j] * scale >= thr : p[j] * scale > thr) << j;
   return m;
 #endif
 }
@@ -93,33 +94,34 @@ struct Partial {
     top_id[size_t(pos)] = id;
   }
 
-  // Offer, in id order, the elements of s[i, end) (within one run) above thr (at or above it with kOrEqual):
+  // Offer, in id order, the elements of s[i, end) * scale (within one run) above thr (at or above it with kOrEqual):
   // the run's groups of 16 are compared first, one vector compare each and no branch, then only the groups
   // holding such an element are visited. offer() re-checks against the k-th value, which may have risen.
   template <bool kOrEqual>
-  void offer_run(const float* s, int64_t i, int64_t end, int64_t id0, float thr, int k) {
+  void offer_run(const float* s, float scale, int64_t i, int64_t end, int64_t id0, float thr, int k) {
     const int64_t groups = (end - i) / 16;
     uint16_t masks[kSub / 16];
     uint32_t hit = 0;
     for (int64_t g = 0; g < groups; ++g) {
-      masks[g] = uint16_t(above_mask16<kOrEqual>(s + i + 16 * g, thr));
+      masks[g] = uint16_t(above_mask16<kOrEqual>(s + i + 16 * g, thr, scale));
       hit |= uint32_t(masks[g] != 0) << g;
     }
     for (; hit; hit &= hit - 1) {
       const int g = __builtin_ctz(hit);
       for (uint32_t m = masks[g]; m; m &= m - 1) {
         const int64_t j = i + 16 * g + __builtin_ctz(m);
-        offer(s[j], id0 + j, k);
+        offer(s[j] * scale, id0 + j, k);
       }
     }
     for (int64_t j = i + 16 * groups; j < end; ++j)
-      if (kOrEqual ? s[j] >= thr : s[j] > thr) offer(s[j], id0 + j, k);
+      if (kOrEqual ? s[j] * scale >= thr : s[j] * scale > thr) offer(s[j] * scale, id0 + j, k);
   }
 
-  // Offer the scaled logits s[0, len) of vocabulary ids id0 + [0, len); run_max[c] holds the lane maxima of
+  // Offer the scaled logits s[0, len) * scale of vocabulary ids id0 + [0, len) (a converted block, scale 1, or
+  // fp32 logits and 1 / temperature: the product is the converted value); run_max[c] holds the lane maxima of
   // the c-th run of kSub (a lane with no element holds -inf). The threshold (the k-th kept value) only rises,
   // so a run none of whose lanes beats it is skipped whole.
-  void offer_block(const float* s, int64_t len, int64_t id0, const float (*run_max)[kLanes], int k) {
+  void offer_block(const float* s, float scale, int64_t len, int64_t id0, const float (*run_max)[kLanes], int k) {
     const int64_t runs = (len + kSub - 1) / kSub;
     if (filled == 0 && k <= runs * kLanes) {
       // The first block, with the list empty. Its lane maxima are maxima of disjoint sets of elements, so the
@@ -131,14 +133,14 @@ struct Partial {
       std::nth_element(lanes, lanes + (k - 1), lanes + runs * kLanes, std::greater<float>());
       const float lower = lanes[k - 1];
       for (int64_t c = 0; c < runs; ++c)
-        if (above_mask16<true>(run_max[c], lower)) offer_run<true>(s, c * kSub, std::min(len, (c + 1) * kSub), id0, lower, k);
+        if (above_mask16<true>(run_max[c], lower)) offer_run<true>(s, scale, c * kSub, std::min(len, (c + 1) * kSub), id0, lower, k);
       return;
     }
     int64_t i = 0;
-    for (; i < len && filled < k; ++i) offer(s[i], id0 + i, k);  // filling: every element enters
+    for (; i < len && filled < k; ++i) offer(s[i] * scale, id0 + i, k);  // filling: every element enters
     for (; i < len; i = (i / kSub + 1) * kSub)                     // the rest of each run
       if (above_mask16(run_max[i / kSub], top_val[size_t(k - 1)]))
-        offer_run<false>(s, i, std::min(len, (i / kSub + 1) * kSub), id0, top_val[size_t(k - 1)], k);
+        offer_run<false>(s, scale, i, std::min(len, (i / kSub + 1) * kSub), id0, top_val[size_t(k - 1)], k);
   }
 };
 
@@ -171,29 +173,35 @@ Partial row_range(const typename Elem<D>::T* row, int64_t v0, int64_t v1, float 
   Partial acc;
   acc.top_val.assign(size_t(k), 0.f);
   acc.top_id.assign(size_t(k), 0);
-  // fp32 reads its logits in the exp pass; the 16-bit types convert once, into buf (measured faster for both)
+  // fp32 reads its logits where the others read their converted copy in buf (measured faster for fp32, slower
+  // for the 16-bit types)
   constexpr bool kDirect = D == kF32;
   alignas(64) float buf[kBlock];
   alignas(64) float run_max[kBlock / kSub][kLanes];
   for (int64_t b0 = v0; b0 < v1; b0 += kBlock) {
     const int64_t len = std::min(kBlock, v1 - b0);
     const typename Elem<D>::T* src = row + b0;
-    // The block's max, skipping NaN (a NaN still poisons the sums below, and so the row). Without top-k, fp32
-    // takes it from the logits themselves; otherwise the block is converted and scaled into buf on the
-    // way (the top-k reads it). fl(x * inv_t) is monotone in x, so both give the same max.
+    // The block's max, skipping NaN (a NaN still poisons the sums below, and so the row): fp32 takes it from
+    // the logits themselves (with top-k, from the runs' lane maxima), the 16-bit types convert and scale the
+    // block into buf on the way. fl(x * inv_t) is monotone in x: the max of the products is the product of
+    // the max.
     float bmax = kNegInf;
     if (kDirect && !k) {
 #pragma omp simd reduction(max : bmax)
       for (int64_t i = 0; i < len; ++i) bmax = load<D>(src + i) > bmax ? load<D>(src + i) : bmax;
       bmax *= inv_t;
-    } else {
+    } else if (!kDirect) {
 #pragma omp simd reduction(max : bmax)
       for (int64_t i = 0; i < len; ++i) {
         buf[i] = load<D>(src + i) * inv_t;
         bmax = buf[i] > bmax ? buf[i] : bmax;
       }
     }
-    if (k) {  // the top-k also wants each run's lane maxima: kLanes maxima that GCC holds in one vector register
+    // The scaled block the top-k reads: buf, or the fp32 logits times inv_t (the same values)
+    const float* s = buf;
+    if constexpr (kDirect) s = src;
+    const float scale = kDirect ? inv_t : 1.f;
+    if (k) {  // each run's lane maxima, kLanes maxima that GCC holds in one vector register (and fp32's max)
       for (int64_t c0 = 0; c0 < len; c0 += kSub) {
         const int64_t end = std::min(len, c0 + kSub);
         float* lanes = run_max[c0 / kSub];
@@ -201,12 +209,17 @@ Partial row_range(const typename Elem<D>::T* row, int64_t v0, int64_t v1, float 
         int64_t i = c0;
         for (; i + kLanes <= end; i += kLanes) {
 #pragma omp simd
-          for (int l = 0; l < kLanes; ++l) lanes[l] = buf[i + l] > lanes[l] ? buf[i + l] : lanes[l];
+          for (int l = 0; l < kLanes; ++l) lanes[l] = s[i + l] > lanes[l] ? s[i + l] : lanes[l];
         }
-        for (; i < end; ++i) lanes[0] = buf[i] > lanes[0] ? buf[i] : lanes[0];  // a range's tail: lane 0
+        for (; i < end; ++i) lanes[0] = s[i] > lanes[0] ? s[i] : lanes[0];  // a range's tail: lane 0
+        if (kDirect)
+          for (int l = 0; l < kLanes; ++l) {
+            lanes[l] *= inv_t;
+            bmax = lanes[l] > bmax ? lanes[l] : bmax;
+          }
       }
+      acc.offer_block(s, scale, len, b0, run_max, k);
     }
-    if (k) acc.offer_block(buf, len, b0, run_max, k);
     if (bmax == kNegInf) {  // an all -inf block adds nothing, unless it hides a NaN (rare path)
       for (int64_t i = 0; i < len; ++i)
         if (load<D>(src + i) != load<D>(src + i)) acc.sum = acc.shifted = std::numeric_limits<double>::quiet_NaN();
